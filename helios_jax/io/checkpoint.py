@@ -1,0 +1,175 @@
+"""Reading (and writing) diffusers / transformers model folders without torch.
+
+A component folder looks like one of::
+
+    transformer/config.json + diffusion_pytorch_model.safetensors
+    transformer/config.json + diffusion_pytorch_model-0000k-of-0000N.safetensors
+                            + diffusion_pytorch_model.safetensors.index.json   ({"weight_map": {key: shard}})
+    text_encoder/config.json + model.safetensors | model-0000k-of-0000N.safetensors + model.safetensors.index.json
+
+:class:`SafetensorsFolder` opens such a folder lazily: tensors are read one at a time from memory-mapped files
+(``safetensors.safe_open(..., framework="np")``), so converting a 14B checkpoint never holds two copies of it in
+host memory. bf16 tensors come back as ``ml_dtypes.bfloat16`` numpy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Iterator
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from helios_jax.errors import CheckpointError
+
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model"
+TRANSFORMERS_WEIGHTS_NAME = "model"
+
+
+def load_json(path: str, what: str = "file") -> dict:
+  """Reads a JSON file, turning a missing or corrupt file into a :class:`CheckpointError`."""
+  if not os.path.isfile(path):
+    raise CheckpointError(f"missing {what}: {path} does not exist")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"cannot read {what} {path}: {e}") from None
+
+
+def load_config(folder: str) -> dict:
+  """Returns the ``config.json`` of a component folder as a dict (keys starting with ``_`` kept)."""
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"model folder not found: {folder}")
+  return load_json(os.path.join(folder, "config.json"), "config.json")
+
+
+class SafetensorsFolder:
+  """Lazy, streaming view over the safetensors weights of one component folder.
+
+  Args:
+    folder: the component folder (e.g. ``.../transformer``).
+    weights_name: file stem, ``"diffusion_pytorch_model"`` (diffusers) or ``"model"`` (transformers). When
+      ``None`` both are tried.
+  """
+
+  def __init__(self, folder: str, weights_name: str | None = None):
+    if not os.path.isdir(folder):
+      raise CheckpointError(f"model folder not found: {folder}")
+    self.folder = folder
+    names = [weights_name] if weights_name else [DIFFUSERS_WEIGHTS_NAME, TRANSFORMERS_WEIGHTS_NAME]
+    self._key_to_file: dict[str, str] = {}
+    for name in names:
+      single = os.path.join(folder, f"{name}.safetensors")
+      index = os.path.join(folder, f"{name}.safetensors.index.json")
+      if os.path.isfile(index):
+        weight_map = load_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+          raise CheckpointError(f"safetensors index {index} has no 'weight_map'")
+        missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(folder, f))})
+        if missing:
+          raise CheckpointError(
+              f"checkpoint shard(s) missing in {folder}: {', '.join(missing)} (listed in {os.path.basename(index)})")
+        self._key_to_file = {k: os.path.join(folder, f) for k, f in weight_map.items()}
+        break
+      if os.path.isfile(single):
+        with _open(single) as f:
+          self._key_to_file = {k: single for k in f.keys()}
+        break
+    else:
+      raise CheckpointError(
+          f"no weights in {folder}: expected {names[0]}.safetensors or {names[0]}.safetensors.index.json")
+    self._handles: dict[str, object] = {}
+
+  def keys(self) -> list[str]:
+    return list(self._key_to_file)
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._key_to_file
+
+  def __len__(self) -> int:
+    return len(self._key_to_file)
+
+  def _handle(self, path: str):
+    if path not in self._handles:
+      self._handles[path] = _open(path).__enter__()
+    return self._handles[path]
+
+  def get(self, key: str) -> np.ndarray:
+    """Reads one tensor as a numpy array in its stored dtype."""
+    if key not in self._key_to_file:
+      raise CheckpointError(f"tensor {key!r} not found in {self.folder}")
+    path = self._key_to_file[key]
+    handle = self._handle(path)
+    try:
+      return handle.get_tensor(key)
+    except Exception as e:  # a weight_map entry that the shard does not hold, or a truncated file
+      raise CheckpointError(f"cannot read tensor {key!r} from {path}: {e}") from None
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    path = self._key_to_file[key]
+    return tuple(self._handle(path).get_slice(key).get_shape())
+
+  def items(self) -> Iterator[tuple[str, np.ndarray]]:
+    for key in self._key_to_file:
+      yield key, self.get(key)
+
+  def close(self):
+    for h in self._handles.values():
+      h.__exit__(None, None, None)
+    self._handles.clear()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _open(path: str):
+  try:
+    return safe_open(path, framework="np")
+  except Exception as e:
+    raise CheckpointError(f"cannot open safetensors file {path}: {e}") from None
+
+
+def save_safetensors_folder(folder: str, tensors: dict[str, np.ndarray], config: dict | None,
+                            weights_name: str = DIFFUSERS_WEIGHTS_NAME, max_shard_bytes: int | None = None,
+                            metadata: dict | None = None) -> None:
+  """Writes ``tensors`` (numpy, any dtype incl. bfloat16) in the diffusers on-disk layout.
+
+  With ``max_shard_bytes`` the tensors are split into ``{weights_name}-0000k-of-0000N.safetensors`` shards plus
+  an index file, the way ``save_pretrained`` does; otherwise one file is written.
+  """
+  os.makedirs(folder, exist_ok=True)
+  if config is not None:
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+  meta = {"format": "pt", **(metadata or {})}
+  tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+  if not max_shard_bytes:
+    save_file(tensors, os.path.join(folder, f"{weights_name}.safetensors"), metadata=meta)
+    return
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for k, v in tensors.items():
+    if shards[-1] and size + v.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][k] = v
+    size += v.nbytes
+  n = len(shards)
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    fname = f"{weights_name}-{i + 1:05d}-of-{n:05d}.safetensors"
+    save_file(shard, os.path.join(folder, fname), metadata=meta)
+    weight_map.update({k: fname for k in shard})
+  index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))}, "weight_map": weight_map}
+  with open(os.path.join(folder, f"{weights_name}.safetensors.index.json"), "w", encoding="utf-8") as f:
+    json.dump(index, f, indent=2, sort_keys=True)
+
+
+def iter_prefixed(keys: Iterable[str], prefix: str) -> list[str]:
+  return [k for k in keys if k.startswith(prefix)]

@@ -1,0 +1,98 @@
+"""Attention for the Helios DiT: one kernel entry point and the attention layer.
+
+:func:`dot_product_attention` is the only place that picks a kernel. ``implementation``:
+
+* ``"xla"``: XLA's reference attention (materialises the (L, S) logits; softmax in float32). Works everywhere and
+  in float32, so it is the parity path on CPU.
+* ``"cudnn"``: cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU, bf16/fp16 only).
+* ``None`` / ``"auto"``: cuDNN when running on a GPU with a 16-bit dtype, else XLA.
+
+No Triton kernels are used anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from helios_jax.models.normalization import RMSNorm
+from helios_jax.models.rope import apply_rope
+
+IMPLEMENTATIONS = (None, "auto", "xla", "cudnn")
+
+
+def resolve_implementation(implementation: str | None, dtype) -> str:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {implementation!r}; choose one of 'auto', 'xla', 'cudnn'")
+  if implementation in (None, "auto"):
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+  return implementation
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None) -> jax.Array:
+  """Non-causal, unmasked scaled dot-product attention.
+
+  Args:
+    q: (B, L, N, D); k, v: (B, S, N, D).
+  Returns:
+    (B, L, N, D) in q's dtype.
+  """
+  impl = resolve_implementation(implementation, q.dtype)
+  out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), implementation=impl)
+  return out.astype(q.dtype)
+
+
+class HeliosAttention(nnx.Module):
+  """q/k/v projections, RMSNorm over all heads, optional RoPE and history-key amplification, output projection.
+
+  Parameter names follow diffusers (``to_q``, ``to_k``, ``to_v``, ``to_out``, ``norm_q``, ``norm_k``,
+  ``history_key_scale``).
+  """
+
+  def __init__(self, dim: int, heads: int, *, eps: float, param_dtype, precision=None,
+               amplify_history: bool = False, history_scale_mode: str = "per_head", max_scale: float = 10.0,
+               rngs: nnx.Rngs):
+    self.heads = heads
+    self.max_scale = max_scale
+    self.amplify_history = amplify_history
+    linear = lambda: nnx.Linear(dim, dim, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    self.to_q, self.to_k, self.to_v, self.to_out = linear(), linear(), linear(), linear()
+    self.norm_q = RMSNorm(dim, eps=eps, param_dtype=param_dtype)
+    self.norm_k = RMSNorm(dim, eps=eps, param_dtype=param_dtype)
+    if amplify_history:
+      n = {"per_head": heads, "scalar": 1}.get(history_scale_mode)
+      if n is None:
+        raise ValueError(f"unknown history_scale_mode {history_scale_mode!r}; expected 'per_head' or 'scalar'")
+      # Reference initialises to ones and keeps it in float32 (_keep_in_fp32_modules).
+      self.history_key_scale = nnx.Param(jnp.ones((n,), jnp.float32))
+
+  def __call__(self, x: jax.Array, context: jax.Array | None = None, rope: tuple[jax.Array, jax.Array] | None = None,
+               num_history: int = 0, implementation: str | None = None) -> jax.Array:
+    """Self-attention (``context is None``) or cross-attention.
+
+    Args:
+      x: (B, L, D) queries' input.
+      context: (B, S, D) keys'/values' input for cross-attention.
+      rope: (cos, sin), each (B or 1, L, D_head / 2), for self-attention.
+      num_history: the first ``num_history`` tokens are history (their keys are amplified when enabled).
+    Returns:
+      (B, L, D).
+    """
+    kv_in = x if context is None else context
+    q = rearrange(self.norm_q(self.to_q(x)), "b l (n d) -> b l n d", n=self.heads)
+    k = rearrange(self.norm_k(self.to_k(kv_in)), "b l (n d) -> b l n d", n=self.heads)
+    v = rearrange(self.to_v(kv_in), "b l (n d) -> b l n d", n=self.heads)
+    if rope is not None:
+      q = apply_rope(q, *rope)
+      k = apply_rope(k, *rope)
+    if context is None and self.amplify_history and num_history > 0:
+      gain = 1.0 + jax.nn.sigmoid(self.history_key_scale[...]) * (self.max_scale - 1.0)  # (N,) or (1,)
+      is_hist = (jnp.arange(k.shape[1]) < num_history)[None, :, None, None]
+      k = jnp.where(is_hist, k * gain[None, None, :, None], k).astype(k.dtype)
+    out = dot_product_attention(q, k, v, implementation)
+    return self.to_out(rearrange(out, "b l n d -> b l (n d)"))
