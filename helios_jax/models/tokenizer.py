@@ -288,7 +288,8 @@ def load_tokenizer(folder: str, compat: Literal["transformers", "file"] = "trans
   if not os.path.isdir(folder):
     raise CheckpointError(f"tokenizer folder not found: {folder}")
   sub = os.path.join(folder, "tokenizer")
-  if not any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "spiece.model")) and os.path.isdir(sub):
+  has_files = any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "spiece.model"))
+  if not has_files and os.path.isdir(sub):
     folder = sub
   tokenizer_json = os.path.join(folder, "tokenizer.json")
   spiece = os.path.join(folder, "spiece.model")

@@ -141,6 +141,10 @@ def _prompts(hf_tok) -> list[str]:
 
 
 def main() -> None:
+  try:
+    import ftfy
+  except ImportError:
+    sys.exit("ftfy is needed for the reference prompt cleaning (see the module docstring)")
   torch.manual_seed(SEED)
   np.random.seed(SEED)
   from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
@@ -199,7 +203,6 @@ def main() -> None:
     embeds, emb_mask = helios_pyramid.HeliosPyramidPipeline._get_t5_prompt_embeds(
         fake_pipe, prompt=prompts, num_videos_per_prompt=1, max_sequence_length=MAX_SEQ,
         device=torch.device("cpu"), dtype=torch.float32)
-  import ftfy
   with open(os.path.join(FIXTURES, "umt5_prompts.json"), "w", encoding="utf-8") as f:
     json.dump({"max_sequence_length": MAX_SEQ, "prompts": prompts, "cleaned": cleaned,
                "ftfy_changes": [ftfy.fix_text(p) != p for p in prompts],
