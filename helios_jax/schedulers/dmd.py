@@ -146,8 +146,9 @@ class HeliosDMDScheduler(PyramidScheduler):
       InputError: steps <= 0, stage_index missing or out of range, mu missing, bad sigmas.
     """
     cfg = self.config
-    ts, sig = stage_schedule(cfg, self.geometry, num_inference_steps, stage_index, mu, sigmas, dmd=True,
-                             is_amplify_first_chunk=is_amplify_first_chunk)
+    # The reference's DMD step converts sigmas to float64 itself, so the schedule's own dtype does not matter.
+    ts, sig, _ = stage_schedule(cfg, self.geometry, num_inference_steps, stage_index, mu, sigmas, dmd=True,
+                                is_amplify_first_chunk=is_amplify_first_chunk)
     self.tables = SchedulerTables(kind="dmd", timesteps=ts, sigmas=sig,
                                   stage_index=None if cfg.stages == 1 else int(stage_index),
                                   mu=None if mu is None else float(mu), coef=dmd_coefficients(ts, sig))

@@ -8,8 +8,8 @@ The module is split in two halves:
 * **Host side (numpy float64).** :func:`build_stage_geometry` (global table, pyramid stage bands, renoise
   constants), :func:`calculate_shift`, the time-shift maps and ``set_timesteps``. ``set_timesteps`` returns a
   :class:`SchedulerTables`: the float64 ``timesteps`` / ``sigmas`` of one schedule plus every per-step solver
-  coefficient (lambdas, expm1 terms, the 2x2 UniPC corrector solve), all computed in float64 exactly where the
-  reference computes them in float64.
+  coefficient (lambdas, expm1 terms, the 2x2 UniPC corrector solve), computed in float64 like the reference
+  (float32 on the one path where the reference's sigma tensor is float32).
 * **Device side (JAX, traceable).** :meth:`SchedulerTables.to_jax` gives a :class:`StepTables` pytree (float32
   copies of those tables). :func:`unipc_step` / :func:`euler_step` take an explicit :class:`SolverState` and a
   step index that may be a traced int32, so a pipeline can run a whole pyramid stage as one ``lax.fori_loop``
@@ -66,33 +66,35 @@ def calculate_shift(image_seq_len: float, base_seq_len: float = 256, max_seq_len
   return image_seq_len * slope + intercept
 
 
-def time_shift_exponential(mu: float, sigmas: np.ndarray) -> np.ndarray:
-  """sigma -> e^mu / (e^mu + 1/sigma - 1), elementwise, in the dtype of ``sigmas`` (sigma = 0 stays 0).
+def _shift_map(m: float, sigmas: np.ndarray, torch_order: bool) -> np.ndarray:
+  """m / (m + 1/sigma - 1) elementwise in the dtype of ``sigmas``; sigma = 0 maps to 0.
 
-  The reference evaluates ``scalar / tensor`` as ``reciprocal(tensor) * scalar``; we keep that order so float64
-  tables agree to the last bit.
+  ``torch_order``: the reference applies the maps to torch tensors, where ``scalar / tensor`` is evaluated as
+  ``reciprocal(tensor) * scalar`` (two roundings); on numpy arrays (its float32 stages == 1 grid) it is one
+  division. Following the right order keeps our tables bit-identical.
   """
   sigmas = np.asarray(sigmas)
-  e = math.exp(mu)
   with np.errstate(divide="ignore"):
-    odds = 1.0 / sigmas - 1.0
-    return (1.0 / (e + odds)) * e
+    denom = m + (1.0 / sigmas - 1.0)
+    return (1.0 / denom) * m if torch_order else m / denom
 
 
-def time_shift_linear(mu: float, sigmas: np.ndarray) -> np.ndarray:
+def time_shift_exponential(mu: float, sigmas: np.ndarray, torch_order: bool = True) -> np.ndarray:
+  """sigma -> e^mu / (e^mu + 1/sigma - 1), elementwise, in the dtype of ``sigmas`` (sigma = 0 stays 0)."""
+  return _shift_map(math.exp(mu), sigmas, torch_order)
+
+
+def time_shift_linear(mu: float, sigmas: np.ndarray, torch_order: bool = True) -> np.ndarray:
   """sigma -> mu / (mu + 1/sigma - 1), elementwise, in the dtype of ``sigmas`` (sigma = 0 stays 0)."""
-  sigmas = np.asarray(sigmas)
-  with np.errstate(divide="ignore"):
-    odds = 1.0 / sigmas - 1.0
-    return (1.0 / (mu + odds)) * mu
+  return _shift_map(mu, sigmas, torch_order)
 
 
-def time_shift(time_shift_type: str, mu: float, sigmas: np.ndarray) -> np.ndarray:
+def time_shift(time_shift_type: str, mu: float, sigmas: np.ndarray, torch_order: bool = True) -> np.ndarray:
   """Applies the ``exponential`` or ``linear`` shift map to a 1-D sigma array (host, dtype preserved)."""
   if time_shift_type == "exponential":
-    return time_shift_exponential(mu, sigmas)
+    return time_shift_exponential(mu, sigmas, torch_order)
   if time_shift_type == "linear":
-    return time_shift_linear(mu, sigmas)
+    return time_shift_linear(mu, sigmas, torch_order)
   raise InputError(f"time_shift_type must be one of {TIME_SHIFT_TYPES}, got {time_shift_type!r}")
 
 
@@ -199,13 +201,15 @@ class PyramidSchedulerConfig:
       raise InputError(f"num_train_timesteps must be >= 2, got {n}")
     if self.stages < 1:
       raise InputError(f"stages must be >= 1, got {self.stages}")
-    if len(self.stage_range) != self.stages + 1:
-      raise InputError(f"stage_range needs stages + 1 = {self.stages + 1} entries, got {list(self.stage_range)}")
-    r = self.stage_range
+    # Only the first stages + 1 entries are used (diffusers keeps the 4-entry default when stages == 1).
+    if len(self.stage_range) < self.stages + 1:
+      raise InputError(f"stage_range needs at least stages + 1 = {self.stages + 1} entries, "
+                       f"got {list(self.stage_range)}")
+    r = self.stage_range[:self.stages + 1]
     if any(not 0.0 <= v <= 1.0 for v in r) or any(b < a for a, b in zip(r[:-1], r[1:])):
-      raise InputError(f"stage_range must be non-decreasing values in [0, 1], got {list(r)}")
+      raise InputError(f"stage_range must be non-decreasing values in [0, 1], got {list(self.stage_range)}")
     if any(int(v * n) >= n for v in r[:-1]):
-      raise InputError(f"every stage of stage_range {list(r)} must start below 1")
+      raise InputError(f"every stage of stage_range {list(self.stage_range)} must start below 1")
     if not self.gamma > 0:
       raise InputError(f"gamma must be > 0, got {self.gamma}")
     if not self.shift > 0:
@@ -394,7 +398,8 @@ def _check_steps(num_inference_steps: Any) -> int:
 
 def stage_schedule(config: PyramidSchedulerConfig, geometry: StageGeometry, num_inference_steps: int,
                    stage_index: int | None = None, mu: float | None = None, sigmas: Any = None,
-                   dmd: bool = False, is_amplify_first_chunk: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                   dmd: bool = False, is_amplify_first_chunk: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.dtype]:
   """Timesteps and sigmas of one schedule (one pyramid stage, or the whole run when ``stages == 1``).
 
   Args:
@@ -405,7 +410,9 @@ def stage_schedule(config: PyramidSchedulerConfig, geometry: StageGeometry, num_
       ``linspace(0.999, 0, n + 1)[:-1]``. Its dtype is kept for the arithmetic, as the reference does.
     dmd: the DMD variant (n + 1 or 2n + 1 internal points; drop the last timestep and the second-to-last sigma).
   Returns:
-    ``(timesteps, sigmas)`` as float64 numpy arrays of shapes (n,) and (n + 1,) (n = model calls).
+    ``(timesteps, sigmas, dtype)``: float64 numpy arrays of shapes (n,) and (n + 1,) (n = model calls), and the
+    dtype the reference holds its sigmas in (float32 only on the stages == 1 path without custom float64 sigmas;
+    the values above are exactly representable in it).
   """
   steps = _check_steps(num_inference_steps)
   if dmd:
@@ -417,17 +424,17 @@ def stage_schedule(config: PyramidSchedulerConfig, geometry: StageGeometry, num_
       # The reference builds this grid in float32 and stays in float32 (also through the shift maps).
       sig = np.linspace(1, 1 / n_train, steps + 1)[:-1].astype(np.float32)
       if config.shift != 1.0:
-        sig = time_shift(config.time_shift_type, config.shift, sig).astype(np.float32)
+        sig = time_shift(config.time_shift_type, config.shift, sig, torch_order=False).astype(np.float32)
     else:
       sig = np.asarray(sigmas)
       if sig.dtype.kind not in "fiu":
         raise InputError(f"sigmas must be a numeric array, got dtype {sig.dtype}")
-      if sig.dtype.kind != "f":
+      if sig.dtype != np.float32:
         sig = sig.astype(np.float64)
       if sig.ndim != 1 or sig.shape[0] != steps:
         raise InputError(f"sigmas must be a 1-D array of {steps} values, got shape {sig.shape}")
-      if not np.all(np.isfinite(sig)) or np.any(sig < 0) or np.any(sig >= 1):
-        raise InputError("sigmas must be finite and in [0, 1)")
+      if not np.all(np.isfinite(sig)) or np.any(sig < 0) or np.any(sig > 1):
+        raise InputError("sigmas must be finite and in [0, 1]")
     ts = sig * n_train
     sig = np.concatenate([sig, np.zeros(1, sig.dtype)])
   else:
@@ -456,7 +463,7 @@ def stage_schedule(config: PyramidSchedulerConfig, geometry: StageGeometry, num_
       ts = sig[:-1] * n_train
     else:
       ts = band.min() + sig[:-1] * (band.max() - band.min())
-  return np.asarray(ts, np.float64), np.asarray(sig, np.float64)
+  return np.asarray(ts, np.float64), np.asarray(sig, np.float64), sig.dtype
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -532,15 +539,34 @@ class SchedulerTables:
 
 def _alpha_sigma(sig: np.ndarray, use_flow_sigmas: bool) -> tuple[np.ndarray, np.ndarray]:
   if use_flow_sigmas:
-    return 1.0 - sig, np.maximum(sig, _SIGMA_FLOOR)
+    return 1.0 - sig, np.maximum(sig, sig.dtype.type(_SIGMA_FLOOR))
   alpha = 1.0 / np.sqrt(sig ** 2 + 1.0)
   return alpha, sig * alpha
 
 
+def _log(x: np.ndarray) -> np.ndarray:
+  """log in the dtype of ``x``, evaluated in float64 and rounded once.
+
+  Only matters for float32 input (the reference's float32-only stages == 1 path): torch's float32 log is within
+  an ulp of this but not always equal, and lambda differences cancel, so that path agrees to ~2e-5 only.
+  """
+  x = np.asarray(x)
+  return np.log(x.astype(np.float64)).astype(x.dtype)
+
+
+def _expm1(x: Any) -> Any:
+  """expm1 in the dtype of ``x``, evaluated in float64 and rounded once (see :func:`_log`)."""
+  x = np.asarray(x)
+  return np.expm1(x.astype(np.float64)).astype(x.dtype)
+
+
 def unipc_coefficients(sigmas: np.ndarray, solver_type: str = "bh2", solver_order: int = 2,
                        lower_order_final: bool = True, disable_corrector: Sequence[int] = (),
-                       use_flow_sigmas: bool = True) -> dict[str, np.ndarray]:
-  """Per-step scalars of UniPC (predict-x0, B(h) = h for bh1, expm1(h) for bh2), in float64.
+                       use_flow_sigmas: bool = True, dtype: Any = np.float64) -> dict[str, np.ndarray]:
+  """Per-step scalars of UniPC (predict-x0, B(h) = h for bh1, expm1(h) for bh2), in ``dtype``.
+
+  ``dtype`` is the dtype of the reference's sigma tensor, in which it does all of this scalar arithmetic: float64
+  for every pipeline schedule, float32 on the stages == 1 path without custom sigmas.
 
   For step k (n steps, sigmas of shape (n + 1,)) with lambda(s) = log(alpha_s) - log(sigma_s):
 
@@ -553,24 +579,25 @@ def unipc_coefficients(sigmas: np.ndarray, solver_type: str = "bh2", solver_orde
 
   Entries that a step never reads are filled with harmless finite values (0, or 1 for the divisors).
   """
-  sig = np.asarray(sigmas, np.float64)
+  dtype = np.dtype(dtype)
+  sig = np.asarray(sigmas).astype(dtype)
   n = sig.shape[0] - 1
   alpha, sig_c = _alpha_sigma(sig, use_flow_sigmas)
   with np.errstate(divide="ignore"):
-    lam = np.log(alpha) - np.log(sig_c)
+    lam = _log(alpha) - _log(sig_c)
 
   def segment(s: int, t: int):
     """(ratio, m, b, hh, phi1, B) of the exponential-integrator step from index s to t."""
     h = lam[t] - lam[s]
     hh = -h
-    phi1 = np.expm1(hh)
-    b_h = hh if solver_type == "bh1" else np.expm1(hh)
+    phi1 = _expm1(hh)
+    b_h = hh if solver_type == "bh1" else _expm1(hh)
     return sig_c[t] / sig_c[s], alpha[t] * phi1, alpha[t] * b_h, h, hh, phi1, b_h
 
-  out = {name: np.zeros(n) for name in ("pred_ratio", "pred_m", "pred_b", "corr_ratio", "corr_m", "corr_b",
-                                        "corr_rho_a", "corr_rho_b")}
-  out["pred_rk"] = np.ones(n)
-  out["corr_rk"] = np.ones(n)
+  out = {name: np.zeros(n, dtype) for name in ("pred_ratio", "pred_m", "pred_b", "corr_ratio", "corr_m",
+                                               "corr_b", "corr_rho_a", "corr_rho_b")}
+  out["pred_rk"] = np.ones(n, dtype)
+  out["corr_rk"] = np.ones(n, dtype)
   for k in range(n):
     ratio, m, b, h, _, _, _ = segment(k, k + 1)
     out["pred_ratio"][k], out["pred_m"][k], out["pred_b"][k] = ratio, m, b
@@ -582,8 +609,8 @@ def unipc_coefficients(sigmas: np.ndarray, solver_type: str = "bh2", solver_orde
       rk = (lam[k - 2] - lam[k - 1]) / h
       g1 = phi1 / hh - 1
       g2 = g1 / hh - 0.5
-      rhs = np.array([g1 * 1 / b_h, g2 * 2 / b_h])
-      rho = np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]]), rhs)
+      rhs = np.array([g1 * 1 / b_h, g2 * 2 / b_h], dtype)
+      rho = np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]], dtype), rhs)
       out["corr_rk"][k], out["corr_rho_a"][k], out["corr_rho_b"][k] = rk, rho[0], rho[1]
   steps = np.arange(n)
   if lower_order_final:
@@ -644,13 +671,14 @@ def init_solver_state(sample: jax.Array, model_dtype: Any = None) -> SolverState
 def flow_to_x0(model_output: jax.Array, sample: jax.Array, sigma: jax.Array) -> jax.Array:
   """x0 = sample - sigma * v with the reference's rounding.
 
-  The reference multiplies a 0-dim float64 sigma into the model output *in the model output's dtype* (a 0-dim
-  tensor does not promote), so with bf16 outputs sigma*v is rounded to bf16 before the float32 subtraction. We
-  form the product in float32 and round it to ``model_output.dtype`` the same way. Result dtype: the promotion of
-  the two input dtypes.
+  The reference multiplies a 0-dim float64 sigma tensor into the model output *in the model output's dtype* (a
+  0-dim tensor does not promote): sigma itself is first rounded to that dtype (bf16 in the pipelines), the product
+  is formed in float32 and rounded to that dtype again, then subtracted from the float32 sample. We do the same
+  three roundings (verified against torch bit for bit). Result dtype: the promotion of the two input dtypes.
   """
   out_dtype = jnp.promote_types(sample.dtype, model_output.dtype)
-  prod = (sigma.astype(jnp.float32) * model_output.astype(jnp.float32)).astype(model_output.dtype)
+  sigma = sigma.astype(model_output.dtype).astype(jnp.float32)
+  prod = (sigma * model_output.astype(jnp.float32)).astype(model_output.dtype)
   return (sample.astype(jnp.float32) - prod.astype(jnp.float32)).astype(out_dtype)
 
 
@@ -718,12 +746,13 @@ def euler_step(state: SolverState, model_output: jax.Array, sample: jax.Array, t
   """One flow-matching Euler step ``x + (sigma_{k+1} - sigma_k) * v``, traceable.
 
   Returns ``(x_{k+1}, new_state)`` with x_{k+1} in ``model_output.dtype``, as the reference casts it. The
-  reference forms (dsigma * v) in the model output's dtype (0-dim float64 does not promote) and adds it to the
-  float32 sample; we round the product the same way. Inside a ``fori_loop`` with a float32 carry and bf16 model
-  outputs, cast the result back to the carry dtype (the values are bf16-exact).
+  reference forms (dsigma * v) in the model output's dtype (a 0-dim float64 tensor does not promote, so dsigma is
+  rounded to that dtype, e.g. bf16, and so is the product) and adds it to the float32 sample; we round the same
+  way. Inside a ``fori_loop`` with a float32 carry and bf16 model outputs, cast the result back to the carry dtype
+  (the values are bf16-exact).
   """
   k = _index(step_index, state)
-  delta = tables.coef["sigma_delta"][k]
+  delta = tables.coef["sigma_delta"][k].astype(model_output.dtype).astype(jnp.float32)
   prod = (delta * model_output.astype(jnp.float32)).astype(model_output.dtype)
   prev = (sample.astype(jnp.float32) + prod.astype(jnp.float32)).astype(model_output.dtype)
   new_state = state._replace(step_index=(k + 1).astype(jnp.int32),
@@ -910,11 +939,11 @@ class HeliosScheduler(PyramidScheduler):
     """
     cfg = self.config
     dmd = cfg.scheduler_type == "dmd"
-    ts, sig = stage_schedule(cfg, self.geometry, num_inference_steps, stage_index, mu, sigmas, dmd=dmd,
-                             is_amplify_first_chunk=is_amplify_first_chunk and dmd)
+    ts, sig, work_dtype = stage_schedule(cfg, self.geometry, num_inference_steps, stage_index, mu, sigmas,
+                                         dmd=dmd, is_amplify_first_chunk=is_amplify_first_chunk and dmd)
     if cfg.scheduler_type == "unipc":
       coef = unipc_coefficients(sig, cfg.solver_type, cfg.solver_order, cfg.lower_order_final,
-                                cfg.disable_corrector, cfg.use_flow_sigmas)
+                                cfg.disable_corrector, cfg.use_flow_sigmas, dtype=work_dtype)
     elif cfg.scheduler_type == "euler":
       coef = euler_coefficients(sig)
     else:
