@@ -1,0 +1,359 @@
+"""What the plain and the pyramid Helios pipelines share: loading, input checks, the unified T2V / I2V / V2V input
+representation, the chunk loop over the history buffer, decoding and trimming.
+
+Subclasses implement :meth:`HeliosPipelineBase._denoise_chunk` (one 9-latent chunk from its initial noise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from helios_jax.errors import CheckpointError, InputError
+from helios_jax.io.checkpoint import load_json
+from helios_jax.pipelines.history import HistoryLayout
+from helios_jax.pipelines.noise import JaxNoiseSource, NoiseSource, draw
+
+logger = logging.getLogger("helios_jax")
+
+# Defaults shared by diffusers' two Helios pipelines (their __call__ signatures).
+IMAGE_NOISE_SIGMA = (0.111, 0.135)
+VIDEO_NOISE_SIGMA = (0.111, 0.135)
+VAE_SCALE_TEMPORAL = 4  # Wan2.1 VAE: 4x temporal, 8x spatial compression (used when no VAE is loaded)
+VAE_SCALE_SPATIAL = 8
+
+
+@dataclasses.dataclass
+class HeliosPipelineOutput:
+  """``frames``: (B, F, H, W, 3) float32 numpy in [0, 1] (``output_type="np"``), or the latents (B, C, F, h, w)
+  (``output_type="latent"``: the generated part of the history buffer, including given image/video latents).
+  ``timings``: seconds per phase (``text``, ``chunks`` list, ``decode``, ``total``)."""
+
+  frames: Any
+  timings: dict = dataclasses.field(default_factory=dict)
+
+
+def _to_array(name: str, value, ndim: int | None = None) -> jax.Array:
+  try:
+    arr = jnp.asarray(np.asarray(value) if not isinstance(value, jax.Array) else value)
+  except (TypeError, ValueError, RuntimeError) as e:
+    raise InputError(f"{name} cannot be converted to an array: {e}") from None
+  if ndim is not None and arr.ndim != ndim:
+    raise InputError(f"{name} must have {ndim} dimensions, got shape {tuple(arr.shape)}")
+  if not jnp.issubdtype(arr.dtype, jnp.floating):
+    raise InputError(f"{name} must be floating point, got dtype {arr.dtype}")
+  return arr
+
+
+class HeliosPipelineBase:
+  """Shared machinery. Components mirror diffusers: ``transformer``, ``scheduler``, ``vae``, ``text_encoder``,
+  ``tokenizer``; pipeline flags ``is_cfg_zero_star`` and ``is_distilled`` come from ``model_index.json``."""
+
+  _class_names: tuple[str, ...] = ()
+
+  def __init__(self, transformer, scheduler, vae=None, text_encoder=None, tokenizer=None, *,
+               is_cfg_zero_star: bool = False, is_distilled: bool = False):
+    self.transformer = transformer
+    self.scheduler = scheduler
+    self.vae = vae
+    self.text_encoder = text_encoder
+    self.tokenizer = tokenizer
+    self.is_cfg_zero_star = bool(is_cfg_zero_star)
+    self.is_distilled = bool(is_distilled)
+    self._split = None
+
+  # ------------------------------------------------------------------------------------------------------------------
+  # Loading
+
+  @classmethod
+  def from_pretrained(cls, path: str, dtype: Any = jnp.bfloat16, vae_dtype: Any = jnp.float32,
+                      text_encoder_dtype: Any = jnp.bfloat16, load_text_encoder: bool = True,
+                      load_vae: bool = True, attention_implementation: str = "auto"):
+    """Loads a diffusers-format Helios folder (``model_index.json``, ``scheduler/``, ``transformer/``, and optionally
+    ``vae/``, ``text_encoder/``, ``tokenizer/``). Missing optional components are None: then pass
+    ``prompt_embeds`` instead of prompts, and latents instead of images/videos, and use ``output_type="latent"``.
+    """
+    from helios_jax.models.transformer import HeliosTransformer3DModel
+    from helios_jax.schedulers import scheduler_from_pretrained
+
+    if not os.path.isdir(path):
+      raise CheckpointError(f"model folder not found: {path}")
+    index = load_json(os.path.join(path, "model_index.json"), "model_index.json")
+    name = index.get("_class_name")
+    if cls._class_names and name not in cls._class_names:
+      logger.warning("%s loads a folder made for %s", cls.__name__, name)
+    for required in ("scheduler", "transformer"):
+      if not os.path.isdir(os.path.join(path, required)):
+        raise CheckpointError(f"{path} has no {required}/ folder")
+    scheduler = scheduler_from_pretrained(os.path.join(path, "scheduler"))
+    transformer = HeliosTransformer3DModel.from_pretrained(os.path.join(path, "transformer"), dtype=dtype,
+                                                           attention_implementation=attention_implementation)
+    vae = text_encoder = tokenizer = None
+    if load_vae and os.path.isdir(os.path.join(path, "vae")):
+      from helios_jax.models.vae import AutoencoderKLWan
+      vae = AutoencoderKLWan.from_pretrained(os.path.join(path, "vae"), dtype=vae_dtype)
+    if load_text_encoder and os.path.isdir(os.path.join(path, "text_encoder")):
+      from helios_jax.models.tokenizer import load_tokenizer
+      from helios_jax.models.umt5 import UMT5EncoderModel
+      text_encoder = UMT5EncoderModel.from_pretrained(os.path.join(path, "text_encoder"), dtype=text_encoder_dtype)
+      if os.path.isdir(os.path.join(path, "tokenizer")):
+        tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
+    return cls(transformer, scheduler, vae, text_encoder, tokenizer,
+               is_cfg_zero_star=bool(index.get("is_cfg_zero_star", False)),
+               is_distilled=bool(index.get("is_distilled", False)))
+
+  # ------------------------------------------------------------------------------------------------------------------
+  # Pieces
+
+  @property
+  def vae_scale_temporal(self) -> int:
+    return self.vae.config.temporal_compression if self.vae is not None else VAE_SCALE_TEMPORAL
+
+  @property
+  def vae_scale_spatial(self) -> int:
+    return self.vae.config.spatial_compression if self.vae is not None else VAE_SCALE_SPATIAL
+
+  def _transformer_split(self):
+    if self._split is None:
+      self._split = nnx.split(self.transformer)
+    return self._split
+
+  def free_text_encoder(self):
+    """Drops the text encoder (11 GB for UMT5-XXL) once prompts are encoded; pass embeddings afterwards."""
+    self.text_encoder = None
+
+  def encode_prompt(self, prompt, negative_prompt=None, do_classifier_free_guidance=True,
+                    max_sequence_length: int = 512):
+    """Prompt strings -> (prompt_embeds, negative_prompt_embeds), each (B, max_sequence_length, text_dim)."""
+    if self.text_encoder is None or self.tokenizer is None:
+      raise InputError("no text encoder/tokenizer loaded: pass prompt_embeds (and negative_prompt_embeds) instead "
+                       "of prompt strings")
+    from helios_jax.models.tokenizer import encode_prompt
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    pos = encode_prompt(self.text_encoder, self.tokenizer, prompts, max_sequence_length=max_sequence_length)
+    neg = None
+    if do_classifier_free_guidance:
+      negative_prompt = "" if negative_prompt is None else negative_prompt
+      negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+      if len(negs) != len(prompts):
+        raise InputError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
+      neg = encode_prompt(self.text_encoder, self.tokenizer, negs, max_sequence_length=max_sequence_length)
+    return pos, neg
+
+  def _prepare_embeds(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg,
+                      max_sequence_length):
+    if prompt is not None and prompt_embeds is not None:
+      raise InputError("pass either prompt or prompt_embeds, not both")
+    if prompt is None and prompt_embeds is None:
+      raise InputError("pass prompt (a string or list of strings) or prompt_embeds")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+      raise InputError("pass either negative_prompt or negative_prompt_embeds, not both")
+    if prompt is not None:
+      if not isinstance(prompt, (str, list, tuple)):
+        raise InputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+      pos, neg = self.encode_prompt(prompt, negative_prompt if negative_prompt_embeds is None else None,
+                                    do_cfg and negative_prompt_embeds is None, max_sequence_length)
+      prompt_embeds = pos
+      negative_prompt_embeds = neg if negative_prompt_embeds is None else negative_prompt_embeds
+    elif do_cfg and negative_prompt_embeds is None:
+      if self.text_encoder is None:
+        raise InputError("guidance_scale > 1 needs negative_prompt_embeds (or a text encoder to encode the "
+                         "negative prompt)")
+      _, negative_prompt_embeds = self.encode_prompt([""] * int(np.shape(prompt_embeds)[0]), negative_prompt,
+                                                     True, max_sequence_length)
+    tdt = self.transformer.config.param_dtype
+    text_dim = self.transformer.config.text_dim
+    pe = _to_array("prompt_embeds", prompt_embeds, 3)
+    if pe.shape[-1] != text_dim:
+      raise InputError(f"prompt_embeds have width {pe.shape[-1]}, the transformer expects text_dim={text_dim}")
+    ne = None
+    if do_cfg:
+      ne = _to_array("negative_prompt_embeds", negative_prompt_embeds, 3)
+      if ne.shape[-1] != text_dim or ne.shape[0] != pe.shape[0]:
+        raise InputError(f"negative_prompt_embeds shape {tuple(ne.shape)} does not fit prompt_embeds "
+                         f"{tuple(pe.shape)}")
+      ne = ne.astype(tdt)
+    return pe.astype(tdt), ne
+
+  def _check_size(self, height: int, width: int, num_stages: int):
+    patch = self.transformer.config.patch_size
+    s = self.vae_scale_spatial
+    mult = s * (2 ** (num_stages - 1)) * max(patch[1], patch[2])
+    if not isinstance(height, (int, np.integer)) or not isinstance(width, (int, np.integer)) or height <= 0 \
+        or width <= 0 or height % mult or width % mult:
+      raise InputError(
+          f"height and width must be positive multiples of {mult} (the latent, {s}x smaller, must split into "
+          f"{2 ** (num_stages - 1)}x smaller pyramid levels of whole {patch[1]}x{patch[2]} patches); got "
+          f"{height}x{width}")
+
+  # ------------------------------------------------------------------------------------------------------------------
+  # The chunk loop
+
+  def _generate(self, *, prompt, negative_prompt, height, width, num_frames, guidance_scale, prompt_embeds,
+                negative_prompt_embeds, output_type, max_sequence_length, image, image_latents, fake_image_latents,
+                add_noise_to_image_latents, image_noise_sigma_min, image_noise_sigma_max, video, video_latents,
+                add_noise_to_video_latents, video_noise_sigma_min, video_noise_sigma_max, history_sizes,
+                num_latent_frames_per_chunk, keep_first_frame, is_skip_first_chunk, seed, noise_source,
+                progress, num_stages, chunk_fn: Callable, steps_per_chunk: Callable[[int], int]):
+    t_start = time.perf_counter()
+    timings: dict = {"chunks": []}
+    if output_type not in ("np", "latent"):
+      raise InputError(f"output_type must be 'np' or 'latent', got {output_type!r}")
+    if not isinstance(num_frames, (int, np.integer)) or num_frames <= 0:
+      raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
+    self._check_size(height, width, num_stages)
+    if (image is not None or image_latents is not None) and (video is not None or video_latents is not None):
+      raise InputError("image and video cannot be given together: image is for I2V, video for V2V")
+    if output_type == "np" and self.vae is None:
+      raise InputError("output_type='np' needs a VAE to decode; load one or use output_type='latent'")
+    if guidance_scale > 1.0 and self.is_distilled:
+      logger.warning("guidance_scale %s > 1 on a step-distilled model: it was trained without CFG "
+                     "(the reference warns and still applies it)", guidance_scale)
+    do_cfg = guidance_scale > 1.0
+    noise_source = noise_source if noise_source is not None else JaxNoiseSource(seed)
+    t0 = time.perf_counter()
+    pe, ne = self._prepare_embeds(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg,
+                                  max_sequence_length)
+    timings["text"] = time.perf_counter() - t0
+    batch = pe.shape[0]
+    cfg = self.transformer.config
+    channels = cfg.in_channels
+    h, w = height // self.vae_scale_spatial, width // self.vae_scale_spatial
+    layout = HistoryLayout.make(history_sizes, num_latent_frames_per_chunk, keep_first_frame)
+    latent_shape = (batch, channels, 1, h, w)
+
+    def check_latent(name, arr, frames=None):
+      arr = _to_array(name, arr, 5).astype(jnp.float32)
+      if arr.shape[0] != batch or arr.shape[1] != channels or arr.shape[3:] != (h, w) or (
+          frames is not None and arr.shape[2] != frames):
+        want = (batch, channels, frames if frames is not None else "T", h, w)
+        raise InputError(f"{name} must have shape {want} for {height}x{width}, got {tuple(arr.shape)}")
+      return arr
+
+    # Unified input representation (inference-spec 3.3), with the reference's draw order (3.8).
+    if image is not None:
+      image_latents, fake_image_latents = self._encode_image(image, height, width, layout, noise_source,
+                                                             image_latents, fake_image_latents)
+    if image_latents is not None:
+      image_latents = check_latent("image_latents", image_latents, 1)
+    if fake_image_latents is not None:
+      fake_image_latents = check_latent("fake_image_latents", fake_image_latents, 1)
+    if image_latents is not None and add_noise_to_image_latents:
+      if fake_image_latents is None:
+        raise InputError("I2V with image_latents also needs fake_image_latents (or pass the image itself)")
+      s_img = image_noise_sigma_min + draw(noise_source, "uniform", (1,)) * (
+          image_noise_sigma_max - image_noise_sigma_min)
+      image_latents = s_img * draw(noise_source, "normal", image_latents.shape) + (1 - s_img) * image_latents
+      s_fake = video_noise_sigma_min + draw(noise_source, "uniform", (1,)) * (
+          video_noise_sigma_max - video_noise_sigma_min)
+      fake_image_latents = (s_fake * draw(noise_source, "normal", fake_image_latents.shape)
+                            + (1 - s_fake) * fake_image_latents)
+    if video is not None:
+      image_latents, video_latents = self._encode_video(video, height, width, layout, noise_source)
+    if video_latents is not None:
+      video_latents = check_latent("video_latents", video_latents)
+      if image_latents is None:
+        raise InputError("V2V with video_latents also needs image_latents (the first frame's latent)")
+      if video_latents.shape[2] < layout.chunk:
+        raise InputError(f"video_latents has {video_latents.shape[2]} frames; V2V needs at least one chunk of "
+                         f"{layout.chunk} latent frames ({(layout.chunk - 1) * self.vae_scale_temporal + 1} video "
+                         f"frames)")
+      if add_noise_to_video_latents:
+        s_img = image_noise_sigma_min + draw(noise_source, "uniform", (1,)) * (
+            image_noise_sigma_max - image_noise_sigma_min)
+        image_latents = s_img * draw(noise_source, "normal", image_latents.shape) + (1 - s_img) * image_latents
+        windows = []
+        for i in range(video_latents.shape[2] // layout.chunk):
+          win = video_latents[:, :, i * layout.chunk:(i + 1) * layout.chunk]
+          s = video_noise_sigma_min + draw(noise_source, "uniform", (win.shape[2],)) * (
+              video_noise_sigma_max - video_noise_sigma_min)
+          s = s.reshape(1, 1, -1, 1, 1)
+          windows.append(s * draw(noise_source, "normal", win.shape) + (1 - s) * win)
+        video_latents = jnp.concatenate(windows, axis=2)
+
+    window = (layout.chunk - 1) * self.vae_scale_temporal + 1
+    num_chunks = max(1, math.ceil(num_frames / window))
+    history = jnp.zeros((batch, channels, layout.buffer_frames, h, w), jnp.float32)
+    total = 0
+    if fake_image_latents is not None:
+      history = jnp.concatenate([history[:, :, :-1], fake_image_latents], axis=2)
+      total += 1
+    if video_latents is not None:
+      v = video_latents.shape[2]
+      history = video_latents if v >= history.shape[2] else jnp.concatenate(
+          [history[:, :, :history.shape[2] - v], video_latents], axis=2)
+      total += v
+    indices = {k: jnp.asarray(a) for k, a in layout.indices().items()}
+
+    bar = None
+    if progress:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=num_chunks, desc="chunks", unit="chunk", disable=None)
+    frames = []
+    decoded = None
+    for k in range(num_chunks):
+      t_chunk = time.perf_counter()
+      prefix = None
+      if layout.keep_first_frame:
+        prefix = jnp.zeros(latent_shape, jnp.float32) if image_latents is None and k == 0 else image_latents
+      hist = layout.split(history, prefix)
+      x = draw(noise_source, "normal", (batch, channels, layout.chunk, h, w))
+      x = chunk_fn(k=k, x=x, history=hist, indices=indices, prompt_embeds=pe, negative_prompt_embeds=ne,
+                   guidance_scale=float(guidance_scale), noise_source=noise_source, do_cfg=do_cfg)
+      if layout.keep_first_frame and ((k == 0 and image_latents is None) or (is_skip_first_chunk and k == 1)):
+        image_latents = x[:, :, 0:1].astype(jnp.float32)
+      total += x.shape[2]
+      history = jnp.concatenate([history, x.astype(jnp.float32)], axis=2)
+      if output_type == "np":
+        # Dispatch the decode now: XLA runs it while the host prepares (and the GPU runs) the next chunk.
+        frames.append(self._decode_chunk(history[:, :, -layout.chunk:]))
+      if bar is not None:
+        jax.block_until_ready(x)
+        dt = time.perf_counter() - t_chunk
+        bar.set_postfix(fps=f"{window / dt:.2f}", steps=steps_per_chunk(k))
+        bar.update()
+      timings["chunks"].append(time.perf_counter() - t_chunk)
+    if bar is not None:
+      bar.close()
+    if output_type == "latent":
+      out = history[:, :, history.shape[2] - total:]
+    else:
+      t0 = time.perf_counter()
+      decoded = jnp.concatenate(frames, axis=2)  # (B, 3, F, H, W) in [-1, 1]
+      keep = (decoded.shape[2] - 1) // self.vae_scale_temporal * self.vae_scale_temporal + 1
+      video_out = jnp.clip(decoded[:, :, :keep] * 0.5 + 0.5, 0.0, 1.0)
+      out = np.asarray(jnp.transpose(video_out, (0, 2, 3, 4, 1)), np.float32)
+      timings["decode"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    return HeliosPipelineOutput(frames=out, timings=timings)
+
+  # VAE-backed pieces (need a VAE; see helios_jax.models.vae)
+
+  def _latents_mean_invstd(self):
+    cfg = self.vae.config
+    mean = jnp.asarray(np.asarray(cfg.latents_mean, np.float32)).reshape(1, -1, 1, 1, 1)
+    inv_std = jnp.asarray(1.0 / np.asarray(cfg.latents_std, np.float32)).reshape(1, -1, 1, 1, 1)
+    return mean, inv_std
+
+  def _decode_chunk(self, latents: jax.Array) -> jax.Array:
+    """Normalised chunk latents (B, C, T, h, w) -> video (B, 3, 1 + 4(T-1), H, W) clamped to [-1, 1]."""
+    mean, inv_std = self._latents_mean_invstd()
+    z = latents.astype(jnp.float32) / inv_std + mean
+    return jnp.clip(self.vae.decode(z).sample, -1.0, 1.0)
+
+  def _encode_image(self, image, height, width, layout, noise_source, image_latents, fake_image_latents):
+    raise InputError("image input needs the VAE encode path (not available in this build); pass image_latents and "
+                     "fake_image_latents instead")
+
+  def _encode_video(self, video, height, width, layout, noise_source):
+    raise InputError("video input needs the VAE encode path (not available in this build); pass image_latents and "
+                     "video_latents instead")
