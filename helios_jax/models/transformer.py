@@ -387,12 +387,16 @@ class HeliosTransformer3DModel(nnx.Module):
 
     ctx = _BlockContext(num_history=num_history, num_noisy=num_noisy)
 
-    def body(h, block):
-      return block(h, context, tproj_hist, tproj, rope, ctx, impl)
+    # A plain lax.scan over the stacked block state (not nnx.scan): the forward then works at any trace level,
+    # e.g. inside the pipelines' fori_loop over denoising steps, where NNX transforms refuse outer-level tracers.
+    block_def, block_state = nnx.split(self.blocks)
+
+    def body(h, state):
+      return nnx.merge(block_def, state)(h, context, tproj_hist, tproj, rope, ctx, impl), None
 
     if cfg.remat_policy != "none":
-      body = nnx.remat(body, policy=_POLICIES[cfg.remat_policy](), prevent_cse=False)
-    x = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+      body = jax.checkpoint(body, policy=_POLICIES[cfg.remat_policy](), prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, block_state)
 
     x = self.norm_out(x[:, num_history:], temb)
     x = self.proj_out(x)

@@ -211,7 +211,8 @@ class HeliosPipelineBase:
     if not isinstance(num_frames, (int, np.integer)) or num_frames <= 0:
       raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
     self._check_size(height, width, num_stages)
-    if (image is not None or image_latents is not None) and (video is not None or video_latents is not None):
+    if (image is not None or fake_image_latents is not None) and (video is not None or video_latents is not None):
+      # (image_latents with video_latents is V2V's first-frame latent; a fake image latent is I2V-only.)
       raise InputError("image and video cannot be given together: image is for I2V, video for V2V")
     if output_type == "np" and self.vae is None:
       raise InputError("output_type='np' needs a VAE to decode; load one or use output_type='latent'")
@@ -247,7 +248,10 @@ class HeliosPipelineBase:
       image_latents = check_latent("image_latents", image_latents, 1)
     if fake_image_latents is not None:
       fake_image_latents = check_latent("fake_image_latents", fake_image_latents, 1)
-    if image_latents is not None and add_noise_to_image_latents:
+    is_v2v = video is not None or video_latents is not None
+    # In V2V, image_latents is the video's first-frame latent and is noised in the V2V block below (with a real
+    # video the reference reaches its I2V block before that latent exists, so it never applies there).
+    if image_latents is not None and add_noise_to_image_latents and not is_v2v:
       if fake_image_latents is None:
         raise InputError("I2V with image_latents also needs fake_image_latents (or pass the image itself)")
       s_img = image_noise_sigma_min + draw(noise_source, "uniform", (1,)) * (

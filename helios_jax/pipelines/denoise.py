@@ -54,7 +54,7 @@ def _guide(spec: StageSpec, v_c: jax.Array, v_u: jax.Array, guidance: jax.Array,
   return guided
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec"), donate_argnames=("x",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
 def run_stage(graphdef, params, spec: StageSpec, x: jax.Array, tables: StepTables, history: dict, indices: dict,
               prompt_embeds: jax.Array, negative_prompt_embeds: jax.Array | None, guidance: jax.Array,
               block_noise: jax.Array | None = None, renoise: jax.Array | None = None) -> jax.Array:
@@ -73,8 +73,7 @@ def run_stage(graphdef, params, spec: StageSpec, x: jax.Array, tables: StepTable
   Returns:
     (B, C, T, h', w') the stage's result (h' = 2h when upsampled).
   """
-  model = nnx.merge(graphdef, params)
-  tdt = model.config.param_dtype
+  tdt = nnx.merge(graphdef, params).config.param_dtype
   if spec.upsample:
     x = upsample_nearest_2x(x)
     alpha, beta, lower = renoise[0], renoise[1], renoise[2:].reshape(4, 4)
@@ -86,6 +85,8 @@ def run_stage(graphdef, params, spec: StageSpec, x: jax.Array, tables: StepTable
   pair = negative_prompt_embeds is not None and negative_prompt_embeds.shape == prompt_embeds.shape
 
   def velocity(xk, t):
+    # Merge inside the loop body: NNX modules must not cross trace levels (fori_loop traces the body anew).
+    model = nnx.merge(graphdef, params)
     xin = xk.astype(tdt)
     if not spec.do_cfg:
       return model.forward(xin, t, prompt_embeds, **indices, **history)

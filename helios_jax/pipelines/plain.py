@@ -52,7 +52,7 @@ class HeliosPipeline(HeliosPipelineBase):
     def chunk_fn(*, k, x, history, indices, prompt_embeds, negative_prompt_embeds, guidance_scale, noise_source,
                  do_cfg):
       tables = self.scheduler.set_timesteps(num_inference_steps, sigmas=grid, mu=mu)
-      spec = StageSpec(scheduler_kind=self.scheduler.config.scheduler_type, upsample=False, do_cfg=do_cfg,
+      spec = StageSpec(scheduler_kind=tables.kind, upsample=False, do_cfg=do_cfg,
                        cfg_zero_star=self.is_cfg_zero_star and do_cfg, zero_init=bool(use_zero_init),
                        zero_steps=int(zero_steps), integer_timesteps=False)
       return run_stage(graphdef, params, spec, x, tables.to_jax(), history, indices, prompt_embeds,

@@ -51,8 +51,7 @@ class HeliosPyramidPipeline(HeliosPipelineBase):
     num_stages = len(steps)
     if num_stages != self.scheduler.config.stages:
       raise InputError(f"{num_stages} pyramid stages requested, the scheduler has {self.scheduler.config.stages}")
-    kind = self.scheduler.config.scheduler_type
-    if kind == "dmd" and not self.is_distilled:
+    if getattr(self.scheduler.config, "scheduler_type", "dmd") == "dmd" and not self.is_distilled:
       raise InputError("a DMD scheduler needs a distilled pipeline (is_distilled in model_index.json)")
     gamma = self.scheduler.config.gamma
     lower = block_noise_cholesky(gamma)
@@ -75,7 +74,7 @@ class HeliosPyramidPipeline(HeliosPipelineBase):
           block_noise = draw(noise_source, "normal", (b * c * t * hh * ww, 4))  # (2h/2)*(2w/2) blocks
           alpha, beta = self.scheduler.renoise_coefficients(i)
           renoise = jnp.asarray(np.concatenate([[alpha, beta], lower.ravel()]).astype(np.float32))
-        spec = StageSpec(scheduler_kind=kind, upsample=i > 0, do_cfg=do_cfg,
+        spec = StageSpec(scheduler_kind=tables.kind, upsample=i > 0, do_cfg=do_cfg,
                          cfg_zero_star=self.is_cfg_zero_star and do_cfg,
                          zero_init=bool(use_zero_init and i == 0), zero_steps=int(zero_steps),
                          integer_timesteps=True)
