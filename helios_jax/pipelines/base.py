@@ -355,9 +355,60 @@ class HeliosPipelineBase:
     return jnp.clip(self.vae.decode(z).sample, -1.0, 1.0)
 
   def _encode_image(self, image, height, width, layout, noise_source, image_latents, fake_image_latents):
-    raise InputError("image input needs the VAE encode path (not available in this build); pass image_latents and "
-                     "fake_image_latents instead")
+    """I2V (diffusers ``prepare_image_latents``): image -> (image_latents, fake_image_latents), each (B, C, 1, h, w)
+    float32 and normalised. ``image`` is whatever :func:`helios_jax.io.media.preprocess_image` takes (path, PIL
+    image, (H, W, 3) array, or a list of them); it is resized to (width, height). image_latents = sample of the
+    image as a 1-frame video; fake_image_latents = last latent of the image repeated for one chunk
+    ((chunk - 1) * 4 + 1 = 33 frames). Either latent given by the caller is kept and its encode (and draw)
+    skipped. VAE posterior noise is drawn from ``noise_source`` in the reference order (image, then fake video)."""
+    from helios_jax.io.media import preprocess_image
+    from helios_jax.models.vae import normalize_latents
+    if self.vae is None:
+      raise InputError("image input needs a VAE to encode it; load one or pass image_latents and "
+                       "fake_image_latents instead")
+    cfg = self.vae.config
+
+    def sample(pixels):  # one encode with a fresh cache, one posterior draw, (z - mean) * (1 / std) in VAE dtype
+      dist = self.vae.encode(pixels).latent_dist
+      z = dist.sample(draw(noise_source, "normal", dist.mean.shape))
+      return normalize_latents(z, cfg.latents_mean, cfg.latents_std).astype(jnp.float32)
+
+    pixels = jnp.asarray(preprocess_image(image, height, width, self.vae_scale_spatial))[:, :, None]  # (B,3,1,H,W)
+    if image_latents is None:
+      image_latents = sample(pixels)
+    if fake_image_latents is None:
+      min_frames = (layout.chunk - 1) * self.vae_scale_temporal + 1
+      fake = sample(jnp.repeat(pixels, min_frames, axis=2))
+      fake_image_latents = fake[:, :, -1:]
+    return image_latents, fake_image_latents
 
   def _encode_video(self, video, height, width, layout, noise_source):
-    raise InputError("video input needs the VAE encode path (not available in this build); pass image_latents and "
-                     "video_latents instead")
+    """V2V (diffusers ``prepare_video_latents``): video -> (first_frame_latents (B, C, 1, h, w), video_latents
+    (B, C, 9 * num_win, h, w)), float32 and normalised. ``video`` is whatever
+    :func:`helios_jax.io.media.preprocess_video` takes (path, (F, H, W, 3) array, list of frames); it is resized to
+    (width, height). Frame 0 is encoded alone; then num_win = F // 33 windows of 33 frames taken from the end
+    (leading frames dropped), each encoded with a fresh causal cache, concatenated along time. VAE posterior noise
+    is drawn from ``noise_source`` in the reference order (frame 0, then each window)."""
+    from helios_jax.io.media import preprocess_video
+    from helios_jax.models.vae import normalize_latents
+    if self.vae is None:
+      raise InputError("video input needs a VAE to encode it; load one or pass image_latents and video_latents "
+                       "instead")
+    pixels = preprocess_video(video, height, width, self.vae_scale_spatial)  # (B, 3, F, H, W) numpy
+    num_frames = pixels.shape[2]
+    min_frames = (layout.chunk - 1) * self.vae_scale_temporal + 1
+    num_win = num_frames // min_frames
+    if num_win == 0:
+      raise InputError(f"the video has {num_frames} frames; V2V needs at least {min_frames} (one chunk of "
+                       f"{layout.chunk} latent frames)")
+    cfg = self.vae.config
+
+    def sample(pixels):  # one encode with a fresh cache, one posterior draw, (z - mean) * (1 / std) in VAE dtype
+      dist = self.vae.encode(jnp.asarray(pixels)).latent_dist
+      z = dist.sample(draw(noise_source, "normal", dist.mean.shape))
+      return normalize_latents(z, cfg.latents_mean, cfg.latents_std).astype(jnp.float32)
+
+    start = num_frames - num_win * min_frames
+    first = sample(pixels[:, :, 0:1])
+    windows = [sample(pixels[:, :, start + i * min_frames:start + (i + 1) * min_frames]) for i in range(num_win)]
+    return first, jnp.concatenate(windows, axis=2)
