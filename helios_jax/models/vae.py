@@ -22,6 +22,10 @@ No piece needs a scan over frames, so :func:`decode_chunk` (9 latents -> 33 fram
 single fixed-shape jitted functions. As in diffusers, encode drops trailing frames that do not fill a group of
 four (``F`` -> ``1 + 4 * ((F - 1) // 4)``) and decode clamps its output to [-1, 1].
 
+Measured on one H100 (jax 0.11.2), 9 latents of 48x80 -> 33 frames of 384x640: 0.36 s in fp32 (XLA's default
+TF32 convolutions; 2.2 s with ``"highest"`` precision) and 0.22 s in bf16, against 0.81 s / 0.53 s for diffusers'
+per-frame loop; peak device memory about 21 GiB. Encoding 33 frames takes 0.22 s (fp32) / 0.14 s (bf16).
+
 Precision: ``dtype=jnp.float32`` is the parity mode. ``dtype=jnp.bfloat16`` stores parameters and activations in
 bf16 but normalises in fp32 (like the reference's RMS norm for 16-bit inputs). On GPUs XLA may run fp32
 convolutions in TF32 (as torch does by default); wrap calls in ``jax.default_matmul_precision("highest")`` for
@@ -722,6 +726,9 @@ def denormalize_latents(z, latents_mean, latents_std, dtype=jnp.float32) -> jax.
   dtype = jnp.dtype(dtype)
   mean = _channel_vector(latents_mean, z.shape[1], dtype, "latents_mean")
   inv_std = 1.0 / _channel_vector(latents_std, z.shape[1], dtype, "latents_std")
+  # A true division: XLA rewrites ``x / broadcast(c)`` as ``x * (1 / c)``, which rounds differently; the barrier
+  # keeps the broadcast divisor opaque (the latents are small, so materialising it costs nothing).
+  inv_std = jax.lax.optimization_barrier(jnp.broadcast_to(inv_std, z.shape))
   return z.astype(dtype) / inv_std + mean
 
 

@@ -7,9 +7,9 @@ Run (CPU, about a minute; needs torch and diffusers, e.g. the /work/venv environ
 Writes, under ``tests/reference/fixtures/``:
 
 * ``vae_tiny/``: a tiny random-init ``AutoencoderKLWan`` (base_dim 8, z_dim 4, the Wan2.1 block structure) saved
-  with ``save_pretrained`` (config.json + diffusion_pytorch_model.safetensors, about 1 MB), plus ``cases.npz``.
+  with ``save_pretrained`` (config.json + diffusion_pytorch_model.safetensors, 3.6 MB), plus ``cases.npz``.
 * ``vae_tiny_alt/``: a second tiny model with other structural choices (decoder_base_dim != base_dim, temporal
-  downsampling at the first stage, one res block per stage, 4x spatial), same files.
+  downsampling at the first stage, one res block per stage, 4x spatial), same files (1.1 MB of weights).
 * ``vae_wan21/``: the real Wan2.1 config (base_dim 96, z_dim 16; 127M parameters). Its ~500 MB of weights are NOT
   written: every tensor is drawn by :func:`synthetic_weight` from a numpy generator seeded with
   ``(WAN21_WEIGHT_SEED, crc32(key))`` and copied into the torch model, so the JAX test rebuilds identical weights
@@ -136,7 +136,8 @@ def main() -> None:
   folder = os.path.join(FIXTURES, "vae_wan21")
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(dict(model.config), f, indent=2, sort_keys=True)
+    config = {k: v for k, v in model.config.items() if k != "_use_default_values"}  # a set: random order
+    json.dump({"_class_name": "AutoencoderKLWan", **config}, f, indent=2, sort_keys=True)
   print("vae_wan21", sum(p.numel() for p in model.parameters()), "parameters")
   cases = {
       "encode_video": encode_case(model, video(1, 3, 9, 32, 32), 13),
