@@ -34,7 +34,8 @@ VAE_SCALE_SPATIAL = 8
 
 @dataclasses.dataclass
 class HeliosPipelineOutput:
-  """``frames``: (B, F, H, W, 3) float32 numpy in [0, 1] (``output_type="np"``), or the latents (B, C, F, h, w)
+  """``frames``: (B, F, H, W, 3) float32 in [0, 1] (numpy for ``output_type="np"``, a device array for ``"jax"``,
+  which skips the host copy), or the latents (B, C, F, h, w)
   (``output_type="latent"``: the generated part of the history buffer, including given image/video latents).
   ``timings``: seconds per phase (``text``, ``chunks`` list, ``decode``, ``total``)."""
 
@@ -206,16 +207,16 @@ class HeliosPipelineBase:
                 progress, num_stages, chunk_fn: Callable, steps_per_chunk: Callable[[int], int]):
     t_start = time.perf_counter()
     timings: dict = {"chunks": []}
-    if output_type not in ("np", "latent"):
-      raise InputError(f"output_type must be 'np' or 'latent', got {output_type!r}")
+    if output_type not in ("np", "jax", "latent"):
+      raise InputError(f"output_type must be 'np', 'jax' or 'latent', got {output_type!r}")
     if not isinstance(num_frames, (int, np.integer)) or num_frames <= 0:
       raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
     self._check_size(height, width, num_stages)
     if (image is not None or fake_image_latents is not None) and (video is not None or video_latents is not None):
       # (image_latents with video_latents is V2V's first-frame latent; a fake image latent is I2V-only.)
       raise InputError("image and video cannot be given together: image is for I2V, video for V2V")
-    if output_type == "np" and self.vae is None:
-      raise InputError("output_type='np' needs a VAE to decode; load one or use output_type='latent'")
+    if output_type != "latent" and self.vae is None:
+      raise InputError(f"output_type={output_type!r} needs a VAE to decode; load one or use output_type='latent'")
     if guidance_scale > 1.0 and self.is_distilled:
       logger.warning("guidance_scale %s > 1 on a step-distilled model: it was trained without CFG "
                      "(the reference warns and still applies it)", guidance_scale)
@@ -317,7 +318,7 @@ class HeliosPipelineBase:
         image_latents = x[:, :, 0:1].astype(jnp.float32)
       total += x.shape[2]
       history = jnp.concatenate([history, x.astype(jnp.float32)], axis=2)
-      if output_type == "np":
+      if output_type != "latent":
         # Dispatch the decode now: XLA runs it while the host prepares (and the GPU runs) the next chunk.
         frames.append(self._decode_chunk(history[:, :, -layout.chunk:]))
       if bar is not None:
@@ -335,7 +336,8 @@ class HeliosPipelineBase:
       decoded = jnp.concatenate(frames, axis=2)  # (B, 3, F, H, W) in [-1, 1]
       keep = (decoded.shape[2] - 1) // self.vae_scale_temporal * self.vae_scale_temporal + 1
       video_out = jnp.clip(decoded[:, :, :keep] * 0.5 + 0.5, 0.0, 1.0)
-      out = np.asarray(jnp.transpose(video_out, (0, 2, 3, 4, 1)), np.float32)
+      out = jnp.transpose(video_out, (0, 2, 3, 4, 1))
+      out = np.asarray(out, np.float32) if output_type == "np" else out
       timings["decode"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     return HeliosPipelineOutput(frames=out, timings=timings)
