@@ -1,0 +1,39 @@
+"""Trains Helios stage 1 (Base) or stage 2 (Mid).
+
+  python train.py --config configs/base.py:tiny --workdir /tmp/run [--config.total_steps=100 ...]
+
+Resumes automatically from the latest checkpoint in --workdir; Ctrl-C or SIGTERM saves and exits.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/base.py or configs/mid.py[:tiny]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, merged export.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  from helios_jax.errors import HeliosError
+  from helios_jax.training.trainer import train
+  try:
+    out = train(flags.FLAGS.config, flags.FLAGS.workdir, progress=flags.FLAGS.progress)
+  except HeliosError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  last = out["losses"][-1] if out["losses"] else float("nan")
+  how = f" (stopped by {out['stopped_by']})" if out["stopped_by"] else ""
+  print(f"steps {out['start_step']} -> {out['final_step']}{how}; last loss {last:.5f}; "
+        f"trainable parameters {out['num_trainable']:,}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
