@@ -15,6 +15,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+# The tiny runs below compile the same train step several times (uninterrupted, interrupted, resumed): a
+# persistent compilation cache turns the repeats into cache hits.
+import tempfile  # noqa: E402
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "helios_jax_test_training_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
@@ -253,7 +259,7 @@ def test_export_round_trip(uninterrupted):
 
 
 def test_tiny_mid_trains(tmp_path):
-  cfg = small(mid_config.get_config("tiny"), steps=30)
+  cfg = small(mid_config.get_config("tiny"), steps=20)
   cfg.export_merged = False
   out = train(cfg, str(tmp_path), progress=False)
   assert np.mean(out["losses"][-5:]) < np.mean(out["losses"][:5])
