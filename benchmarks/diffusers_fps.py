@@ -71,7 +71,7 @@ def main():
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1), "layers": a.layers,
            "vae_dtype": a.vae_dtype, "torch": torch.__version__, "date": datetime.date.today().isoformat()}
     print(json.dumps(rec), flush=True)
-    with open(os.path.join(a.out, f"fps_{impl.replace('+', '_')}_{setting}_{a.layers}l.json"), "w") as f:
+    with open(os.path.join(a.out, f"fps_{impl.replace('+', '_')}_{setting.replace('+', '_')}_{a.layers}l.json"), "w") as f:
       json.dump(rec, f, indent=1)
 
 

@@ -72,6 +72,9 @@ def main():
   p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
   p.add_argument("--vae-dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+  p.add_argument("--fuse-qkv", action="store_true", help="one matmul for the self-attention q/k/v projections")
+  p.add_argument("--components-only", action="store_true", help="time the forwards and the decode, no pipeline")
+  p.add_argument("--tag", default="", help="variant name stored in the records (e.g. the XLA flags used)")
   p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
   a = p.parse_args()
   os.makedirs(a.out, exist_ok=True)
@@ -79,7 +82,8 @@ def main():
   print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
 
   t0 = time.perf_counter()
-  cfg = HeliosTransformerConfig(num_layers=a.layers, dtype="bfloat16", attention_implementation=a.attention)
+  cfg = HeliosTransformerConfig(num_layers=a.layers, dtype="bfloat16", attention_implementation=a.attention,
+                                fuse_qkv=a.fuse_qkv)
   transformer = build_on_device(HeliosTransformer3DModel, cfg)
   vae = build_on_device(AutoencoderKLWan, None, dtype=jnp.dtype(a.vae_dtype))
   jax.block_until_ready(nnx.state(transformer))
@@ -109,7 +113,13 @@ def main():
     comp[f"forward_{name}_compile_s"] = compile_fwd
   lat = jax.random.normal(jax.random.key(3), (1, 16, 9, h, w), jnp.float32)
   comp["vae_decode_chunk_s"] = timeit(lambda: pipe._decode_chunk(lat))
-  print("components:", json.dumps({k: round(v, 4) for k, v in comp.items()}), flush=True)
+  comp["forward_sum_s"] = comp["forward_quarter_s"] + comp["forward_half_s"] + comp["forward_full_s"]
+  variant = {"fuse_qkv": a.fuse_qkv, "tag": a.tag, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  print("components:", json.dumps({**variant, **{k: round(v, 4) for k, v in comp.items()}}), flush=True)
+  if a.components_only:
+    with open(os.path.join(a.out, f"components_{a.tag or 'default'}{'_fused' if a.fuse_qkv else ''}.json"), "w") as f:
+      json.dump({**variant, **comp, "device": dev.device_kind, "jax": jax.__version__}, f, indent=1)
+    return
 
   records = []
   for setting in a.settings:
@@ -134,7 +144,7 @@ def main():
            "compile_s": round(max(0.0, warm_s - 2 * per_chunk), 1), "warmup_run_s": round(warm_s, 1),
            "peak_gib": round(peak_gib(), 1), "params_b": round(nparams / 1e9, 3), "layers": a.layers,
            "height": a.height, "width": a.width, "vae_dtype": a.vae_dtype, "attention": a.attention,
-           "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+           "jax": jax.__version__, "date": datetime.date.today().isoformat(), **variant,
            **{k: round(v, 4) for k, v in comp.items()}}
     records.append(rec)
     print(json.dumps(rec), flush=True)

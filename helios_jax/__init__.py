@@ -7,8 +7,23 @@ lazily so that ``import helios_jax`` stays cheap and a missing optional dependen
 from __future__ import annotations
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+
+
+def _triton_free_xla() -> None:
+  """Keeps XLA's GPU compiler from emitting Triton GEMM kernels (the GPU path is XLA + cuBLAS + cuDNN only).
+
+  Measured on an H100 (docs/benchmarks.md): the 14B forwards run at the same speed either way and compile faster
+  without Triton. Set before JAX initialises its backends; a user's own ``triton_gemm`` setting in XLA_FLAGS wins.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "triton_gemm" not in flags:
+    os.environ["XLA_FLAGS"] = (flags + " --xla_gpu_enable_triton_gemm=false").strip()
+
+
+_triton_free_xla()
 
 _EXPORTS = {
     "HeliosTransformer3DModel": "helios_jax.models.transformer",

@@ -285,3 +285,9 @@ def test_remat_gives_same_gradients():
   grad_fn = jax.jit(jax.grad(loss), static_argnums=1)
   grads, grads_r = grad_fn(s, g), grad_fn(s, g_r)
   chex.assert_trees_all_close(grads, grads_r, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_qkv_matches_reference():
+  inputs, outs = load_case("full_history")
+  m = HeliosTransformer3DModel.from_pretrained(os.path.join(FIX, "models", "base"), fuse_qkv=True)
+  assert rel_err(m(**inputs), outs["out"]) <= FP32_TOL

@@ -56,8 +56,9 @@ class HeliosAttention(nnx.Module):
 
   def __init__(self, dim: int, heads: int, *, eps: float, param_dtype, precision=None,
                amplify_history: bool = False, history_scale_mode: str = "per_head", max_scale: float = 10.0,
-               rngs: nnx.Rngs):
+               fuse_qkv: bool = False, rngs: nnx.Rngs):
     self.heads = heads
+    self.fuse_qkv = fuse_qkv
     self.max_scale = max_scale
     self.amplify_history = amplify_history
     linear = lambda: nnx.Linear(dim, dim, param_dtype=param_dtype, precision=precision, rngs=rngs)
@@ -84,9 +85,17 @@ class HeliosAttention(nnx.Module):
       (B, L, D).
     """
     kv_in = x if context is None else context
-    q = rearrange(self.norm_q(self.to_q(x)), "b l (n d) -> b l n d", n=self.heads)
-    k = rearrange(self.norm_k(self.to_k(kv_in)), "b l (n d) -> b l n d", n=self.heads)
-    v = rearrange(self.to_v(kv_in), "b l (n d) -> b l n d", n=self.heads)
+    if context is None and self.fuse_qkv:
+      # One (D, 3D) matmul instead of three (D, D) ones; the parameters stay separate (checkpoint layout).
+      kernel = jnp.concatenate([self.to_q.kernel[...], self.to_k.kernel[...], self.to_v.kernel[...]], axis=1)
+      bias = jnp.concatenate([self.to_q.bias[...], self.to_k.bias[...], self.to_v.bias[...]])
+      qkv = jnp.dot(x, kernel.astype(x.dtype), precision=self.to_q.precision) + bias.astype(x.dtype)
+      q, k, v = jnp.split(qkv, 3, axis=-1)
+    else:
+      q, k, v = self.to_q(x), self.to_k(kv_in), self.to_v(kv_in)
+    q = rearrange(self.norm_q(q), "b l (n d) -> b l n d", n=self.heads)
+    k = rearrange(self.norm_k(k), "b l (n d) -> b l n d", n=self.heads)
+    v = rearrange(v, "b l (n d) -> b l n d", n=self.heads)
     if rope is not None:
       q = apply_rope(q, *rope)
       k = apply_rope(k, *rope)

@@ -52,6 +52,7 @@ class HeliosTransformerConfig:
     remat_policy: ``"none"`` (no rematerialisation), ``"full"`` (save nothing per block), ``"dots"`` or
       ``"dots_no_batch"`` (``jax.checkpoint_policies`` that keep matmul outputs).
     precision: ``jax.lax.Precision`` name for the linear layers (``None`` = backend default).
+    fuse_qkv: run the self-attention q/k/v projections as one matmul (same parameters; a speed option).
   """
 
   patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -79,6 +80,7 @@ class HeliosTransformerConfig:
   attention_implementation: str = "auto"
   remat_policy: str = "none"
   precision: str | None = None
+  fuse_qkv: bool = False
 
   def __post_init__(self):
     for name in ("patch_size", "rope_dim"):
@@ -189,7 +191,7 @@ class HeliosTransformerBlock(nnx.Module):
     self.guidance_cross_attn = cfg.guidance_cross_attn
     self.attn1 = HeliosAttention(dim, cfg.num_attention_heads, eps=cfg.eps, param_dtype=pd, precision=prec,
                                  amplify_history=cfg.is_amplify_history,
-                                 history_scale_mode=cfg.history_scale_mode, rngs=rngs)
+                                 history_scale_mode=cfg.history_scale_mode, fuse_qkv=cfg.fuse_qkv, rngs=rngs)
     self.attn2 = HeliosAttention(dim, cfg.num_attention_heads, eps=cfg.eps, param_dtype=pd, precision=prec, rngs=rngs)
     self.norm2 = FP32LayerNorm(dim, eps=cfg.eps, affine=True) if cfg.cross_attn_norm else None
     self.ffn = FeedForward(dim, cfg.ffn_dim, param_dtype=pd, precision=prec, rngs=rngs)
@@ -288,7 +290,8 @@ class HeliosTransformer3DModel(nnx.Module):
 
   @classmethod
   def from_pretrained(cls, path: str, dtype: Any = jnp.float32, attention_implementation: str = "auto",
-                      remat_policy: str = "none", precision: str | None = None) -> "HeliosTransformer3DModel":
+                      remat_policy: str = "none", precision: str | None = None,
+                      fuse_qkv: bool = False) -> "HeliosTransformer3DModel":
     """Loads a diffusers-format transformer folder (or a pipeline folder with a ``transformer/`` subfolder).
 
     Handles one file or sharded safetensors with an index, fp32 or bf16 storage, and the official repository's
@@ -298,7 +301,8 @@ class HeliosTransformer3DModel(nnx.Module):
     from helios_jax.io import transformer_weights  # local import: io depends on this module
     return transformer_weights.load_transformer(cls, path, dtype=dtype,
                                                 attention_implementation=attention_implementation,
-                                                remat_policy=remat_policy, precision=precision)
+                                                remat_policy=remat_policy, precision=precision,
+                                                fuse_qkv=fuse_qkv)
 
   @classmethod
   def abstract(cls, config: HeliosTransformerConfig) -> "HeliosTransformer3DModel":
