@@ -286,3 +286,34 @@ def test_synthetic_is_deterministic():
   b2 = data.get_batch(a, 7, 2, 0)
   for k in b1:
     np.testing.assert_array_equal(b1[k], b2[k])
+
+
+def test_prepare_data_round_trip_with_corrupt_file(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  from helios_jax.io.media import write_video
+  from helios_jax.models.vae import AutoencoderKLWan, WanVAEConfig
+  from helios_jax.training import prepare_data as prep
+  d = str(tmp_path)
+  rng = np.random.default_rng(0)
+  for i in range(2):
+    write_video(os.path.join(d, f"v{i}.mp4"), rng.integers(0, 255, (70, 40, 56, 3), dtype=np.uint8), fps=16)
+  open(os.path.join(d, "bad.mp4"), "wb").write(b"not a video")
+  with open(os.path.join(d, "captions.jsonl"), "w") as f:
+    for p, c in (("v0.mp4", "a red ball"), ("bad.mp4", "broken"), ("v1.mp4", "a blue cube")):
+      f.write(json.dumps({"path": p, "caption": c}) + "\n")
+  cfg = WanVAEConfig(base_dim=8, num_res_blocks=1, z_dim=4, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
+  graphdef, shapes = nnx.split(nnx.eval_shape(lambda: AutoencoderKLWan(cfg)))  # eager random init is slow
+  vae = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype), shapes))
+  items = prep.read_captions(d, os.path.join(d, "captions.jsonl"))
+  text = lambda c: np.full((3, 8), len(c), np.float32)
+  out = os.path.join(d, "out")
+  kw = dict(height=32, width=48, progress=False)
+  assert prep.encode_folder(items, out, prep.vae_chunk_encoder(vae), text, **kw) == dict(
+      encoded=2, skipped_existing=0, failed=1)
+  assert prep.encode_folder(items, out, prep.vae_chunk_encoder(vae), text, **kw)["skipped_existing"] == 2  # resume
+  prep.build_dataset(out, os.path.join(d, "tfds"))
+  src = prep.open_source(os.path.join(d, "tfds"))
+  assert len(src) == 2
+  assert src[0]["latents"].shape == (2, 4, 9, 4, 6) and src[1]["prompt_embeds"][0, 0] == len("a blue cube")
+  batch = data.get_batch(src, 0, 2, 0)
+  assert batch["history"].shape == (2, 4, 19, 4, 6) and batch["target"].shape == (2, 4, 9, 4, 6)
