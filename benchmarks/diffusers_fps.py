@@ -41,7 +41,6 @@ def main():
                                transformer=transformer, is_distilled=True)
   pipe.set_progress_bar_config(disable=True)
   impl = "diffusers"
-  t_compile = 0.0
   if a.compile:
     impl = "diffusers+compile"
     pipe.transformer.compile(dynamic=False)

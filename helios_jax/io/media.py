@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 

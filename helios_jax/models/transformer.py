@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from typing import Any, Sequence
 
 import jax
@@ -353,7 +352,6 @@ class HeliosTransformer3DModel(nnx.Module):
     impl = resolve_implementation(cfg.attention_implementation, dtype)
     hidden_states = hidden_states.astype(dtype)
     context = encoder_hidden_states.astype(dtype)
-    batch = hidden_states.shape[0]
 
     x, (tn, hn, wn) = self.patch_embedding(hidden_states)
     rope = flat_rope_table(indices_hidden_states, hn, wn, cfg.rope_dim, cfg.rope_theta)

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ from flax import nnx
 from helios_jax.errors import CheckpointError, InputError
 from helios_jax.io.checkpoint import load_json
 from helios_jax.pipelines.history import HistoryLayout
-from helios_jax.pipelines.noise import JaxNoiseSource, NoiseSource, draw
+from helios_jax.pipelines.noise import JaxNoiseSource, draw
 
 logger = logging.getLogger("helios_jax")
 
@@ -30,6 +30,14 @@ IMAGE_NOISE_SIGMA = (0.111, 0.135)
 VIDEO_NOISE_SIGMA = (0.111, 0.135)
 VAE_SCALE_TEMPORAL = 4  # Wan2.1 VAE: 4x temporal, 8x spatial compression (used when no VAE is loaded)
 VAE_SCALE_SPATIAL = 8
+
+# Keyword arguments of both pipelines' __call__ that go unchanged to HeliosPipelineBase._generate.
+COMMON_CALL_ARGS = (
+    "prompt", "negative_prompt", "height", "width", "num_frames", "guidance_scale", "prompt_embeds",
+    "negative_prompt_embeds", "output_type", "max_sequence_length", "image", "image_latents", "fake_image_latents",
+    "add_noise_to_image_latents", "image_noise_sigma_min", "image_noise_sigma_max", "video", "video_latents",
+    "add_noise_to_video_latents", "video_noise_sigma_min", "video_noise_sigma_max", "history_sizes",
+    "num_latent_frames_per_chunk", "keep_first_frame", "is_skip_first_chunk", "seed", "noise_source", "progress")
 
 
 @dataclasses.dataclass

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from helios_jax.errors import InputError
-from helios_jax.pipelines.base import (IMAGE_NOISE_SIGMA, VIDEO_NOISE_SIGMA, HeliosPipelineBase,
-                                       HeliosPipelineOutput)
+from helios_jax.pipelines.base import (COMMON_CALL_ARGS, IMAGE_NOISE_SIGMA, VIDEO_NOISE_SIGMA,
+                                       HeliosPipelineBase)
 from helios_jax.pipelines.denoise import StageSpec, run_stage
 from helios_jax.pipelines.noise import NoiseSource
 
@@ -37,6 +37,7 @@ class HeliosPipeline(HeliosPipelineBase):
                zero_steps: int = 1, seed: int = 0, noise_source: NoiseSource | None = None, progress: bool = True,
                return_dict: bool = True):
     """Generates ``num_frames`` frames; arguments as :class:`HeliosPyramidPipeline` minus the pyramid ones."""
+    common = {k: v for k, v in locals().items() if k in COMMON_CALL_ARGS}
     if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
       raise InputError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
     if self.scheduler.config.stages != 1:
@@ -58,16 +59,5 @@ class HeliosPipeline(HeliosPipelineBase):
       return run_stage(graphdef, params, spec, x, tables.to_jax(), history, indices, prompt_embeds,
                        negative_prompt_embeds, jnp.float32(guidance_scale))
 
-    out = self._generate(
-        prompt=prompt, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
-        guidance_scale=guidance_scale, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-        output_type=output_type, max_sequence_length=max_sequence_length, image=image, image_latents=image_latents,
-        fake_image_latents=fake_image_latents, add_noise_to_image_latents=add_noise_to_image_latents,
-        image_noise_sigma_min=image_noise_sigma_min, image_noise_sigma_max=image_noise_sigma_max, video=video,
-        video_latents=video_latents, add_noise_to_video_latents=add_noise_to_video_latents,
-        video_noise_sigma_min=video_noise_sigma_min, video_noise_sigma_max=video_noise_sigma_max,
-        history_sizes=history_sizes, num_latent_frames_per_chunk=num_latent_frames_per_chunk,
-        keep_first_frame=keep_first_frame, is_skip_first_chunk=is_skip_first_chunk, seed=seed,
-        noise_source=noise_source, progress=progress, num_stages=1, chunk_fn=chunk_fn,
-        steps_per_chunk=lambda k: num_inference_steps)
+    out = self._generate(**common, num_stages=1, chunk_fn=chunk_fn, steps_per_chunk=lambda k: num_inference_steps)
     return out if return_dict else (out.frames,)

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from helios_jax.errors import InputError
-from helios_jax.pipelines.base import (IMAGE_NOISE_SIGMA, VIDEO_NOISE_SIGMA, HeliosPipelineBase,
-                                       HeliosPipelineOutput)
+from helios_jax.pipelines.base import (COMMON_CALL_ARGS, IMAGE_NOISE_SIGMA, VIDEO_NOISE_SIGMA,
+                                       HeliosPipelineBase)
 from helios_jax.pipelines.denoise import StageSpec, run_stage
 from helios_jax.pipelines.history import block_noise_cholesky, downsample_2x
 from helios_jax.pipelines.noise import NoiseSource, draw
@@ -45,6 +45,7 @@ class HeliosPyramidPipeline(HeliosPipelineBase):
     V2V (``video`` or ``image_latents`` + ``video_latents``). ``noise_source(kind, shape)`` receives every random
     draw (default: ``jax.random`` from ``seed``). Returns :class:`HeliosPipelineOutput` (``.frames``).
     """
+    common = {k: v for k, v in locals().items() if k in COMMON_CALL_ARGS}
     steps = [int(s) for s in pyramid_num_inference_steps_list]
     if not steps or min(steps) < 1:
       raise InputError(f"pyramid_num_inference_steps_list needs >= 1 step per stage, got {list(steps)}")
@@ -82,17 +83,7 @@ class HeliosPyramidPipeline(HeliosPipelineBase):
                       negative_prompt_embeds, jnp.float32(guidance_scale), block_noise, renoise)
       return x
 
-    out = self._generate(
-        prompt=prompt, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
-        guidance_scale=guidance_scale, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-        output_type=output_type, max_sequence_length=max_sequence_length, image=image, image_latents=image_latents,
-        fake_image_latents=fake_image_latents, add_noise_to_image_latents=add_noise_to_image_latents,
-        image_noise_sigma_min=image_noise_sigma_min, image_noise_sigma_max=image_noise_sigma_max, video=video,
-        video_latents=video_latents, add_noise_to_video_latents=add_noise_to_video_latents,
-        video_noise_sigma_min=video_noise_sigma_min, video_noise_sigma_max=video_noise_sigma_max,
-        history_sizes=history_sizes, num_latent_frames_per_chunk=num_latent_frames_per_chunk,
-        keep_first_frame=keep_first_frame, is_skip_first_chunk=is_skip_first_chunk, seed=seed,
-        noise_source=noise_source, progress=progress, num_stages=num_stages, chunk_fn=chunk_fn,
-        steps_per_chunk=lambda k: sum(steps) * (2 if is_amplify_first_chunk and self.is_distilled and k == 0
-                                                else 1))
+    amplified = lambda k: is_amplify_first_chunk and self.is_distilled and k == 0
+    out = self._generate(**common, num_stages=num_stages, chunk_fn=chunk_fn,
+                         steps_per_chunk=lambda k: sum(steps) * (2 if amplified(k) else 1))
     return out if return_dict else (out.frames,)

@@ -709,7 +709,6 @@ def unipc_step(state: SolverState, model_output: jax.Array, sample: jax.Array, t
   k = _index(step_index, state)
   c = tables.coef
   f32 = jnp.float32
-  x = sample.astype(f32)
   x0 = flow_to_x0(model_output, sample, tables.sigmas[k])
   x0_f = x0.astype(f32)
   m0 = state.x0_last.astype(f32)       # x0_{k-1}

@@ -10,7 +10,6 @@ import threading
 import time
 
 import jax
-import numpy as np
 from flax import nnx
 
 from helios_jax.errors import HeliosError, InputError
