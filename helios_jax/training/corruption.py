@@ -102,25 +102,25 @@ def _aa_resize_matrix(n_in: int, n_out: jax.Array, size: int) -> jax.Array:
   widened by the scale when downsampling, truncated to the input and renormalised.
   """
   n_out_f = n_out.astype(jnp.float32)
-  scale = n_in / n_out_f
-  support = jnp.maximum(scale, 1.0)
-  i = jnp.arange(size, dtype=jnp.float32)[:, None]
-  j = jnp.arange(n_in, dtype=jnp.float32)[None, :]
-  center = scale * (i + 0.5)
-  w = jnp.maximum(0.0, 1.0 - jnp.abs((j + 0.5 - center) / support))
+  i, _, w = _triangle_weights(n_in / n_out_f, size, n_in)
   w = w / jnp.maximum(w.sum(axis=1, keepdims=True), 1e-12)
   return jnp.where(i < n_out_f, w, 0.0)
+
+
+def _triangle_weights(scale, rows: int, cols: int):
+  """Unnormalised (rows, cols) triangle-filter weights of a resize by ``scale`` (input / output size), widened by
+  the scale when downsampling; also returns the row and column index grids."""
+  support = jnp.maximum(scale, 1.0)
+  i = jnp.arange(rows, dtype=jnp.float32)[:, None]
+  j = jnp.arange(cols, dtype=jnp.float32)[None, :]
+  center = scale * (i + 0.5)
+  return i, j, jnp.maximum(0.0, 1.0 - jnp.abs((j + 0.5 - center) / support))
 
 
 def _aa_upsize_matrix(n_small: jax.Array, n_out: int, size: int) -> jax.Array:
   """(n_out, size) resize matrix from a traced n_small <= size (columns >= n_small are 0) back to n_out."""
   n_small_f = n_small.astype(jnp.float32)
-  scale = n_small_f / n_out
-  support = jnp.maximum(scale, 1.0)
-  i = jnp.arange(n_out, dtype=jnp.float32)[:, None]
-  j = jnp.arange(size, dtype=jnp.float32)[None, :]
-  center = scale * (i + 0.5)
-  w = jnp.maximum(0.0, 1.0 - jnp.abs((j + 0.5 - center) / support))
+  _, j, w = _triangle_weights(n_small_f / n_out, n_out, size)
   w = jnp.where(j < n_small_f, w, 0.0)
   return w / jnp.maximum(w.sum(axis=1, keepdims=True), 1e-12)
 
