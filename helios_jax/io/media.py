@@ -24,6 +24,7 @@ target's folder and renames it into place (``os.replace``), so a half-written vi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -305,6 +306,26 @@ def _publish(tmp: str, path: str) -> None:
   os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _atomic_output(path: str, suffix: str, what: str, library_errors: tuple = ()):
+  """Yields a temporary name beside ``path``; publishes it as ``path`` on success, removes it on any failure.
+
+  OS errors (and ``library_errors``) become one :class:`InputError` naming ``what`` and the path.
+  """
+  tmp = _temp_path(path, suffix)
+  try:
+    yield tmp
+    _publish(tmp, path)
+  except BaseException as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    if isinstance(e, OSError):
+      raise InputError(f"cannot write {what} {path}: {e.strerror or _reason(e)}") from None
+    if library_errors and isinstance(e, library_errors):
+      raise InputError(f"cannot write {what} {path}: {_reason(e)}") from None
+    raise
+
+
 def check_writable(path: str | os.PathLike, what: str = "output") -> str:
   """Checks, before any work, that ``path`` can be created: its folder exists (created if missing) and takes a
   file, and ``path`` is not a folder. Returns the absolute path.
@@ -354,9 +375,8 @@ def write_video(path: str | os.PathLike, frames, fps: int = DEFAULT_FPS, crf: in
   import av
   path = os.path.abspath(os.fspath(path))
   it = _frame_iter(frames)
-  tmp = _temp_path(path, ".mp4")
   count = 0
-  try:
+  with _atomic_output(path, ".mp4", "video", (av.error.FFmpegError,)) as tmp:
     container = av.open(tmp, mode="w", format="mp4")
     try:
       stream = None
@@ -384,15 +404,6 @@ def write_video(path: str | os.PathLike, frames, fps: int = DEFAULT_FPS, crf: in
         container.mux(packet)
     finally:
       container.close()
-    _publish(tmp, path)
-  except BaseException as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    if isinstance(e, OSError):
-      raise InputError(f"cannot write video {path}: {e.strerror or _reason(e)}") from None
-    if isinstance(e, av.error.FFmpegError):
-      raise InputError(f"cannot write video {path}: {_reason(e)}") from None
-    raise
   return path
 
 
@@ -426,16 +437,8 @@ def write_contact_sheet(path: str | os.PathLike, frames, num: int = 8, columns: 
   PIL = _pil()
   path = os.path.abspath(os.fspath(path))
   sheet = contact_sheet(frames, num, columns)
-  tmp = _temp_path(path, ".png")
-  try:
+  with _atomic_output(path, ".png", "contact sheet") as tmp:
     PIL.Image.fromarray(sheet).save(tmp, format="PNG")
-    _publish(tmp, path)
-  except BaseException as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    if isinstance(e, OSError):
-      raise InputError(f"cannot write contact sheet {path}: {e.strerror or _reason(e)}") from None
-    raise
   return path
 
 
