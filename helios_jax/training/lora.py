@@ -107,6 +107,15 @@ def effective_state(state, trainable: dict, scale: float):
   return jax.tree_util.tree_map_with_path(f, state)
 
 
+def bind(graphdef, state, trainable: dict, scale: float):
+  """The adapted model's ``forward`` (same signature as :meth:`HeliosTransformer3DModel.forward`).
+
+  Every training objective calls the model through this one function, so how the adapters are applied (today:
+  :func:`effective_state`, a merged copy of each adapted tensor) can change without touching the losses.
+  """
+  return nnx.merge(graphdef, effective_state(state, trainable, scale)).forward
+
+
 def merge_into_model(graphdef, state, trainable: dict, scale: float, dtype=None):
   """A new model with the adapters fused into the base weights (``W += A B alpha / r``); optional dtype cast."""
   merged = jax.jit(effective_state, static_argnums=2)(state, trainable, scale)

@@ -77,9 +77,9 @@ def make_loss_fn(config, graphdef):
   def loss_fn(trainable, frozen, batch, key):
     chunk = batch["target"].shape[2]
     indices = {k: jnp.asarray(v) for k, v in losses.history_indices(chunk).items()}
-    model = nnx.merge(graphdef, lora.effective_state(frozen, trainable, scale))
+    forward = lora.bind(graphdef, frozen, trainable, scale)
     draws = draw(key, batch, obj)
-    return losses.loss_from_pieces(model.forward, pieces_fn(batch, draws, obj), indices)
+    return losses.loss_from_pieces(forward, pieces_fn(batch, draws, obj), indices)
 
   return loss_fn
 
