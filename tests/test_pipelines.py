@@ -19,6 +19,7 @@ import pytest
 
 from helios_jax import HeliosPipeline, HeliosPyramidPipeline, InputError
 from helios_jax.pipelines import ReplayNoiseSource, denoise
+from helios_jax.pipelines import base as base_mod
 from helios_jax.pipelines.history import HistoryLayout
 
 FIX = os.path.join(os.path.dirname(__file__), "reference", "fixtures", "pipeline")
@@ -84,10 +85,25 @@ def test_compiles_once_per_stage_shape():
   kw.pop("noise_source")
   kw.update(num_frames=33, pyramid_num_inference_steps_list=(2, 2, 2))
   pipe(**kw)
-  n = denoise.run_stage._cache_size()
+  n, n_roll = denoise.run_stage._cache_size(), base_mod._roll_in._cache_size()
   kw["num_frames"] = 99
   pipe(**kw)
   assert denoise.run_stage._cache_size() == n
+  assert base_mod._roll_in._cache_size() == n_roll  # the history buffer keeps its shape chunk after chunk
+
+
+def test_latent_output_is_every_chunk_in_order():
+  """output_type="latent" returns the chunks in order; the rolling buffer's last frames are the last chunk."""
+  data, _ = load("mid_t2v")
+  pipe = pipeline("mid")
+  kw = call_kwargs("mid_t2v", data, None)
+  kw.pop("noise_source")
+  kw.update(pyramid_num_inference_steps_list=(1, 1, 1), output_type="latent")
+  one = np.asarray(pipe(**dict(kw, num_frames=33)).frames)
+  three = np.asarray(pipe(**dict(kw, num_frames=99)).frames)
+  assert three.shape[2] == 3 * one.shape[2]
+  np.testing.assert_array_equal(three[:, :, :one.shape[2]], one)  # same seed: the first chunk is the same
+  assert not np.allclose(three[:, :, -one.shape[2]:], one)
 
 
 def test_default_noise_is_seeded():

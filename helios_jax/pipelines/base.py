@@ -63,6 +63,12 @@ def _to_array(name: str, value, ndim: int | None = None) -> jax.Array:
   return arr
 
 
+@jax.jit
+def _roll_in(buffer: jax.Array, new: jax.Array) -> jax.Array:
+  """(B, C, F, h, w) buffer with ``new`` (B, C, n, h, w) appended and the oldest frames dropped (shape kept)."""
+  return jnp.concatenate([buffer, new.astype(buffer.dtype)], axis=2)[:, :, new.shape[2]:]
+
+
 class HeliosPipelineBase:
   """Shared machinery. Components mirror diffusers: ``transformer``, ``scheduler``, ``vae``, ``text_encoder``,
   ``tokenizer``; pipeline flags ``is_cfg_zero_star`` and ``is_distilled`` come from ``model_index.json``."""
@@ -295,16 +301,17 @@ class HeliosPipelineBase:
 
     window = (layout.chunk - 1) * self.vae_scale_temporal + 1
     num_chunks = max(1, math.ceil(num_frames / window))
+    # The history is a fixed-size rolling buffer of the last ``buffer_frames`` latents (constant shapes: no
+    # per-chunk recompilation and constant memory however long the video); ``produced`` keeps what the
+    # ``latent`` output returns (the conditioning latents, then every chunk).
     history = jnp.zeros((batch, channels, layout.buffer_frames, h, w), jnp.float32)
-    total = 0
+    produced = []
     if fake_image_latents is not None:
-      history = jnp.concatenate([history[:, :, :-1], fake_image_latents], axis=2)
-      total += 1
+      history = _roll_in(history, fake_image_latents)
+      produced.append(fake_image_latents)
     if video_latents is not None:
-      v = video_latents.shape[2]
-      history = video_latents if v >= history.shape[2] else jnp.concatenate(
-          [history[:, :, :history.shape[2] - v], video_latents], axis=2)
-      total += v
+      history = _roll_in(history, video_latents)
+      produced.append(video_latents)
     indices = {k: jnp.asarray(a) for k, a in layout.indices().items()}
 
     bar = None
@@ -324,11 +331,13 @@ class HeliosPipelineBase:
                    guidance_scale=float(guidance_scale), noise_source=noise_source, do_cfg=do_cfg)
       if layout.keep_first_frame and ((k == 0 and image_latents is None) or (is_skip_first_chunk and k == 1)):
         image_latents = x[:, :, 0:1].astype(jnp.float32)
-      total += x.shape[2]
-      history = jnp.concatenate([history, x.astype(jnp.float32)], axis=2)
-      if output_type != "latent":
+      x = x.astype(jnp.float32)
+      history = _roll_in(history, x)
+      if output_type == "latent":
+        produced.append(x)
+      else:
         # Dispatch the decode now: XLA runs it while the host prepares (and the GPU runs) the next chunk.
-        frames.append(self._decode_chunk(history[:, :, -layout.chunk:]))
+        frames.append(self._decode_chunk(x))
       if bar is not None:
         jax.block_until_ready(x)
         dt = time.perf_counter() - t_chunk
@@ -338,7 +347,7 @@ class HeliosPipelineBase:
     if bar is not None:
       bar.close()
     if output_type == "latent":
-      out = history[:, :, history.shape[2] - total:]
+      out = jnp.concatenate(produced, axis=2)
     else:
       t0 = time.perf_counter()
       decoded = jnp.concatenate(frames, axis=2)  # (B, 3, F, H, W) in [-1, 1]
