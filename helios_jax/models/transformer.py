@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -345,8 +345,19 @@ class HeliosTransformer3DModel(nnx.Module):
   def forward(self, hidden_states, timestep, encoder_hidden_states, indices_hidden_states,
               indices_latents_history_short=None, indices_latents_history_mid=None,
               indices_latents_history_long=None, latents_history_short=None, latents_history_mid=None,
-              latents_history_long=None) -> jax.Array:
-    """Traceable forward on already-checked JAX inputs (see :meth:`__call__` for shapes)."""
+              latents_history_long=None, block_adapter: tuple[Any, Callable[[Any, Any], Any]] | None = None,
+              return_block_outputs: Sequence[int] = ()):
+    """Traceable forward on already-checked JAX inputs (see :meth:`__call__` for shapes).
+
+    ``block_adapter`` = ``(per_layer, adapt)`` changes the blocks' weights one layer at a time (training's LoRA):
+    ``per_layer`` is a pytree whose leaves all carry the layer axis ``num_layers`` in front; it is scanned
+    alongside the stacked block state and ``adapt(block_state_slice, per_layer_slice)`` returns the block state
+    that layer runs with. The adapted weights exist only inside that layer's (rematerialised) scan step, so a
+    merged copy of all 40 blocks is never materialised. ``None`` (inference) runs the stored weights.
+
+    ``return_block_outputs`` (static layer indices, e.g. the GAN hooks 5/15/25/35) makes the call return
+    ``(output, features)`` with ``features`` (n, B, N_target, D): the target tokens after each listed block.
+    """
     cfg = self.config
     dtype = cfg.param_dtype
     impl = resolve_implementation(cfg.attention_implementation, dtype)
@@ -393,17 +404,26 @@ class HeliosTransformer3DModel(nnx.Module):
     # e.g. inside the pipelines' fori_loop over denoising steps, where NNX transforms refuse outer-level tracers.
     block_def, block_state = nnx.split(self.blocks)
 
-    def body(h, state):
-      return nnx.merge(block_def, state)(h, context, tproj_hist, tproj, rope, ctx, impl), None
+    per_layer, adapt = block_adapter if block_adapter is not None else (None, None)
+
+    def body(h, xs):
+      state, extra = xs
+      if adapt is not None:  # inside the remat'd step: the backward recomputes the adapted weights
+        state = adapt(state, extra)
+      h = nnx.merge(block_def, state)(h, context, tproj_hist, tproj, rope, ctx, impl)
+      return h, (h[:, num_history:] if return_block_outputs else None)
 
     if cfg.remat_policy != "none":
       body = jax.checkpoint(body, policy=_POLICIES[cfg.remat_policy](), prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, block_state)
+    x, per_block = jax.lax.scan(body, x, (block_state, per_layer))
 
     x = self.norm_out(x[:, num_history:], temb)
     x = self.proj_out(x)
     pt, ph, pw = cfg.patch_size
-    return rearrange(x, "b (t h w) (i j k c) -> b c (t i) (h j) (w k)", t=tn, h=hn, w=wn, i=pt, j=ph, k=pw)
+    out = rearrange(x, "b (t h w) (i j k c) -> b c (t i) (h j) (w k)", t=tn, h=hn, w=wn, i=pt, j=ph, k=pw)
+    if return_block_outputs:
+      return out, per_block[np.asarray(return_block_outputs, np.int32)]
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

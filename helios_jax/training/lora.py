@@ -5,15 +5,20 @@ The base model's parameters stay an ``nnx.State`` that is never differentiated. 
   {"lora": {name: {"a": (..., in, r), "b": (..., r, out)}}, "full": {name: array}}
 
 where ``name`` is the dotted parameter path (``blocks.attn1.to_q.kernel``; stacked block kernels carry the layer
-axis L in front, so A is (L, in, r) and B (L, r, out)). Inside the jitted step :func:`effective_state` builds
-``W + (A @ B) * alpha / r`` for every adapted kernel and substitutes fully trained tensors, so the model code is
-unchanged ("merge on the fly"). Because every Helios linear (and every patch "conv", stored as a linear on
-flattened patches) is ``x @ W``, this equals the PEFT forward ``x @ W + (x @ A) @ B * scale`` exactly in real
-arithmetic; merging for export is the same function.
+axis L in front, so A is (L, in, r) and B (L, r, out)). The adapted weight is ``W + (A @ B) * alpha / r`` and fully
+trained tensors replace the stored ones ("merge on the fly"); the model code is unchanged. Because every Helios
+linear (and every patch "conv", stored as a linear on flattened patches) is ``x @ W``, this equals the PEFT forward
+``x @ W + (x @ A) @ B * scale`` exactly in real arithmetic; merging for export is the same function.
+
+Where the merge happens (:func:`bind`): tensors outside the blocks (condition embedder, proj_out, patch
+embeddings; a few MB) are merged whole, while the stacked block entries are handed to the transformer's
+``block_adapter`` and merged one layer at a time inside the (rematerialised) block scan, so a second copy of the
+40 x 0.7 GB block weights never exists (at 14B that copy alone would be ~28 GB in bf16).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Sequence
 
@@ -107,13 +112,35 @@ def effective_state(state, trainable: dict, scale: float):
   return jax.tree_util.tree_map_with_path(f, state)
 
 
+BLOCKS = "blocks."  # name prefix of the stacked (scanned) block parameters
+
+
+def split_blocks(trainable: dict) -> tuple[dict, dict]:
+  """(block entries with the ``blocks.`` prefix dropped, every other entry), both in the trainable layout.
+
+  The block entries' names are then relative to one block (``attn1.to_q.kernel``), as the per-layer state slice
+  seen inside the scan names them, and every leaf keeps its layer axis in front.
+  """
+  def part(d: dict, inside: bool) -> dict:
+    return {(n[len(BLOCKS):] if inside else n): v for n, v in d.items() if n.startswith(BLOCKS) == inside}
+
+  return ({k: part(trainable[k], True) for k in ("lora", "full")},
+          {k: part(trainable[k], False) for k in ("lora", "full")})
+
+
 def bind(graphdef, state, trainable: dict, scale: float):
   """The adapted model's ``forward`` (same signature as :meth:`HeliosTransformer3DModel.forward`).
 
-  Every training objective calls the model through this one function, so how the adapters are applied (today:
-  :func:`effective_state`, a merged copy of each adapted tensor) can change without touching the losses.
+  Every training objective calls the model through this one function. Non-block tensors are merged whole
+  (:func:`effective_state`); block tensors go to the forward's ``block_adapter`` and are merged per layer inside
+  the block scan (transient, recomputed by the backward under remat). Same values as
+  ``nnx.merge(graphdef, effective_state(state, trainable, scale)).forward``.
   """
-  return nnx.merge(graphdef, effective_state(state, trainable, scale)).forward
+  blocks, rest = split_blocks(trainable)
+  forward = nnx.merge(graphdef, effective_state(state, rest, scale)).forward
+  if not (blocks["lora"] or blocks["full"]):
+    return forward
+  return functools.partial(forward, block_adapter=(blocks, functools.partial(effective_state, scale=scale)))
 
 
 def merge_into_model(graphdef, state, trainable: dict, scale: float, dtype=None):
