@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from helios_jax.parallel.mesh import add_mesh_config
 from helios_jax.training.lora import ALL_LINEAR
 
 
@@ -16,7 +17,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.stage = "base"
   c.seed = 43
   c.total_steps = 1_000_000
-  c.batch_size = 2  # per device
+  c.batch_size = 2  # global batch (the reference's per-GPU 2 on one GPU), split over mesh.data x mesh.fsdp
+  add_mesh_config(c)  # c.mesh.{data,fsdp,sequence}: one device by default (docs/scaling.md)
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "14b"  # "14b" or "tiny" (used when pretrained is empty)
@@ -127,3 +129,4 @@ def make_tiny(c: ml_collections.ConfigDict) -> None:
   c.data.text_dim = 32
   c.checkpoint.every = 20
   c.checkpoint.keep = 2
+  c.mesh.fsdp_min_size = 0  # shard even the tiny tensors, so a tiny run on a mesh exercises every rule

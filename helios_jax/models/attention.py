@@ -7,6 +7,9 @@
 * ``"cudnn"``: cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU, bf16/fp16 only).
 * ``None`` / ``"auto"``: cuDNN when running on a GPU with a 16-bit dtype, else XLA.
 
+Under a mesh with a ``sequence`` axis (``jax.set_mesh``), the same kernel runs sequence-parallel
+(:mod:`helios_jax.parallel.sequence`).
+
 No Triton kernels are used anywhere.
 """
 
@@ -21,6 +24,7 @@ from flax import nnx
 
 from helios_jax.models.normalization import RMSNorm
 from helios_jax.models.rope import apply_rope
+from helios_jax.parallel import sequence
 
 IMPLEMENTATIONS = (None, "auto", "xla", "cudnn")
 
@@ -43,7 +47,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementati
     (B, L, N, D) in q's dtype.
   """
   impl = resolve_implementation(implementation, q.dtype)
-  out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), implementation=impl)
+
+  def local(q, k, v, kv_lengths):
+    return jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), implementation=impl,
+                                        key_value_seq_lengths=kv_lengths)
+
+  if sequence.active_size() > 1:  # a mesh with a sequence axis is current (jax.set_mesh): Ulysses over tokens
+    out = sequence.attention(q, k, v, local)
+  else:
+    out = local(q, k, v, None)
   return out.astype(q.dtype)
 
 

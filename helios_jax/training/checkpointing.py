@@ -14,7 +14,8 @@ import orbax.checkpoint as ocp
 from helios_jax.errors import CheckpointError
 
 # Fields that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("total_steps", "checkpoint", "log_every", "export_merged")
+# ``mesh``: a run saved on one mesh resumes on another (orbax reshards into the template's shardings).
+RESUMABLE_CHANGES = ("total_steps", "checkpoint", "log_every", "export_merged", "mesh")
 
 
 class Checkpointer:
@@ -38,11 +39,16 @@ class Checkpointer:
     return step
 
   def restore(self, template: dict, step: int | None = None) -> tuple[dict, dict]:
-    """(state, meta) of ``step`` (default: latest) shaped like ``template``."""
+    """(state, meta) of ``step`` (default: latest) shaped and sharded like ``template``.
+
+    The restore target is built from the template's own shapes, dtypes and shardings (not from the saved
+    topology), so a checkpoint written on one mesh (say data=2 x fsdp=4) restores onto any other.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint to resume from in {self.directory}")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            template)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                meta=ocp.args.JsonRestore()))

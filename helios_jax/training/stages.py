@@ -16,6 +16,10 @@ def transformer_config(model_cfg) -> HeliosTransformerConfig:
   """The architecture of ``config.model`` (``arch`` = ``tiny`` or ``14b``) with its runtime options."""
   runtime = dict(dtype=model_cfg.dtype, remat_policy=model_cfg.remat_policy,
                  attention_implementation=model_cfg.attention_implementation)
+  # ``model.overrides``: architecture fields replacing the arch's (e.g. the demo model's width and depth)
+  overrides = model_cfg.get("overrides", None) or {}
+  overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+  runtime.update({k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in overrides.items()})
   if model_cfg.arch == "tiny":
     return HeliosTransformerConfig.tiny(**runtime)
   if model_cfg.arch == "14b":
@@ -84,10 +88,13 @@ def make_loss_fn(config, graphdef):
   return loss_fn
 
 
-def make_train_step(config, graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule):
+def make_train_step(config, graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    layout=None, example=None):
   """Jitted ``step(state, frozen, batch) -> (state, metrics)``; state buffers are donated.
 
   The step's PRNG key is ``fold_in(state.rng, state.step)``, so a step is a pure function of (state, batch).
+  With a :class:`helios_jax.parallel.layout.TrainLayout` and ``example = (state, frozen)``, the step declares the
+  layout's shardings (FSDP state and frozen base, batch over data x fsdp) and runs under its mesh.
   """
   loss_fn = make_loss_fn(config, graphdef)
 
@@ -100,4 +107,6 @@ def make_train_step(config, graphdef, tx: optax.GradientTransformation, schedule
     new = dict(step=state["step"] + 1, rng=state["rng"], trainable=trainable, opt_state=opt_state)
     return new, metrics
 
+  if layout is not None:
+    return layout.jit_step(step, *example)
   return jax.jit(step, donate_argnums=(0,))

@@ -13,6 +13,7 @@ import jax
 from flax import nnx
 
 from helios_jax.errors import HeliosError, InputError
+from helios_jax.parallel.layout import TrainLayout
 from helios_jax.training import checkpointing, data, lora, metrics, stages, state as state_lib
 from helios_jax.training.synthetic import SyntheticClips
 
@@ -22,15 +23,18 @@ class TrainingError(HeliosError):
 
 
 def make_source(config):
-  """The clip source of ``config.data`` (``synthetic`` or a prepared ``tfds`` dataset)."""
+  """The clip source of ``config.data`` (``synthetic``, an encoded ``demo`` scene set or a prepared ``tfds`` dataset)."""
   d = config.data
   if d.source == "synthetic":
     return SyntheticClips(num_clips=d.num_clips, num_chunks=d.num_chunks, channels=d.channels, height=d.height,
                           width=d.width, text_len=d.text_len, text_dim=d.text_dim, seed=d.seed)
+  if d.source == "demo":  # rendered scenes encoded by the demo VAE + text encoder (helios_jax.training.demo)
+    from helios_jax.training.demo import DemoLatents
+    return DemoLatents(d.data_dir)
   if d.source == "tfds":
     from helios_jax.training import prepare_data  # optional dependency (tensorflow-datasets)
     return prepare_data.open_source(d.data_dir, d.name)
-  raise InputError(f"data.source must be 'synthetic' or 'tfds', got {d.source!r}")
+  raise InputError(f"data.source must be 'synthetic', 'demo' or 'tfds', got {d.source!r}")
 
 
 def config_json(config) -> dict:
@@ -74,25 +78,34 @@ def train(config, workdir: str, progress: bool = True) -> dict:
 
   Stops after ``config.total_steps`` optimiser steps, on SIGTERM/Ctrl-C (after saving), or raises
   :class:`TrainingError` on a non-finite loss (the last good checkpoint is kept).
+  Stage 3 (``config.stage`` "ahd" / "ode") runs :mod:`helios_jax.training.ahd_trainer` / ``ode``.
   """
+  if config.stage in ("ahd", "ode"):
+    from helios_jax.training import ahd_trainer, ode
+    return (ahd_trainer.train if config.stage == "ahd" else ode.train)(config, workdir, progress)
   os.makedirs(workdir, exist_ok=True)
   cfg_json = config_json(config)
+  layout = TrainLayout.from_config(config)  # config.mesh; one device when absent
   model = stages.build_model(config.model)
   graphdef, frozen = nnx.split(model)
-  trainable = stages.init_trainable(frozen, config.train, int(config.seed))
+  del model
+  frozen = layout.place(frozen)
   tx, schedule = state_lib.make_optimizer(config.optim)
-  state = state_lib.init_train_state(trainable, tx, int(config.seed))
+  seed = int(config.seed)
+  state = layout.init(lambda f: state_lib.init_train_state(stages.init_trainable(f, config.train, seed), tx, seed),
+                      frozen)
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.keep)
   resumed_from = ckpt.latest_step()
   if resumed_from is not None:
     state, meta = ckpt.restore(state)
     checkpointing.check_config_compatible(meta.get("config", {}), cfg_json)
   start = int(jax.device_get(state["step"]))
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(cfg_json, f, indent=2)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(cfg_json, f, indent=2)
 
   source = make_source(config)
-  step_fn = stages.make_train_step(config, graphdef, tx, schedule)
+  step_fn = stages.make_train_step(config, graphdef, tx, schedule, layout=layout, example=(state, frozen))
   writer = metrics.MetricsWriter(workdir)
   total = int(config.total_steps)
   meta = lambda: dict(seed=int(config.seed), data_position=int(jax.device_get(state["step"])), config=cfg_json)
@@ -112,7 +125,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
           tokens = stages.tokens_per_step(batch["target"].shape, config.stage,
                                           tuple(config.objective.stage2_sample_ratios))
         t0 = time.perf_counter()
-        new_state, m = step_fn(state, frozen, batch)
+        new_state, m = step_fn(state, frozen, layout.place_batch(batch))
         loss = float(m["loss"])
         dt = time.perf_counter() - t0
         if not math.isfinite(loss):
