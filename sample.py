@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                  help="transformer and text-encoder dtype (the VAE always runs in fp32)")
   p.add_argument("--contact-sheet", metavar="PATH.png", help="also write a PNG grid of 8 evenly spaced frames")
+  p.add_argument("--mesh", metavar="AXIS=N,...",
+                 help="run the transformer on several devices, e.g. data=2,sequence=4: data=2 puts the CFG "
+                      "branches on two devices, sequence=N splits attention over tokens, fsdp=N splits the weights "
+                      "(docs/scaling.md)")
   p.add_argument("--free-text-encoder", action="store_true",
                  help="encode the prompts first, then free the text encoder (UMT5-XXL, ~11 GB) before loading "
                       "the transformer")
@@ -249,6 +253,10 @@ def _run(argv) -> int:
   if not args.model:
     raise UsageError(DEMO_MISSING)
   _check_arguments(args)
+  mesh_shape = None
+  if args.mesh:
+    from helios_jax.parallel.mesh import parse_mesh
+    mesh_shape = parse_mesh(args.mesh)
   from helios_jax.io import media
   out_path = media.check_writable(args.out, "output video")
   sheet_path = media.check_writable(args.contact_sheet, "contact sheet") if args.contact_sheet else None
@@ -288,7 +296,13 @@ def _run(argv) -> int:
                 is_amplify_first_chunk=plan["distilled"])
   else:
     call.update(num_inference_steps=plan["steps"][0])
-  out = pipe(**call)
+  if mesh_shape is None:
+    out = pipe(**call)
+  else:
+    from helios_jax.parallel.mesh import make_mesh
+    from helios_jax.parallel.sampling import on_mesh
+    with on_mesh(pipe, make_mesh(mesh_shape)):
+      out = pipe(**call)
   frames = out.frames[0]
 
   t0 = time.perf_counter()

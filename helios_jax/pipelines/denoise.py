@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from helios_jax.parallel.mesh import constrain_batch
 from helios_jax.pipelines.history import place_block_noise, upsample_nearest_2x
 from helios_jax.schedulers.dmd import dmd_step
 from helios_jax.schedulers.helios import StepTables, helios_step, init_solver_state
@@ -91,9 +92,10 @@ def run_stage(graphdef, params, spec: StageSpec, x: jax.Array, tables: StepTable
     if not spec.do_cfg:
       return model.forward(xin, t, prompt_embeds, **indices, **history)
     if pair:  # one doubled batch for the conditional and unconditional passes
-      both = model.forward(jnp.concatenate([xin, xin]), jnp.concatenate([t, t]),
-                           jnp.concatenate([prompt_embeds, negative_prompt_embeds]), **indices,
-                           **{k: jnp.concatenate([v, v]) for k, v in history.items()})
+      # Under a mesh with data > 1 (CFG-parallel), the two halves run on different devices.
+      cat = lambda a, b: constrain_batch(jnp.concatenate([a, b]))
+      both = model.forward(cat(xin, xin), cat(t, t), cat(prompt_embeds, negative_prompt_embeds), **indices,
+                           **{k: cat(v, v) for k, v in history.items()})
       return both[:b], both[b:]
     return (model.forward(xin, t, prompt_embeds, **indices, **history),
             model.forward(xin, t, negative_prompt_embeds, **indices, **history))
