@@ -28,11 +28,12 @@ import time
 
 from helios_jax.errors import CheckpointError, HeliosError, InputError
 
-DEMO_MISSING = (
-    "no --model given, and the bundled demo model is not available yet: download the real weights in diffusers "
-    "format from Hugging Face (BestWishYsh/Helios-Distilled for fast 3-step sampling, BestWishYsh/Helios-Mid or "
-    "BestWishYsh/Helios-Base), e.g. `huggingface-cli download BestWishYsh/Helios-Distilled --local-dir "
-    "Helios-Distilled`, then pass --model Helios-Distilled")
+REAL_WEIGHTS = (
+    "download the real weights in diffusers format from Hugging Face (BestWishYsh/Helios-Distilled for fast "
+    "3-step sampling, BestWishYsh/Helios-Mid or BestWishYsh/Helios-Base), e.g. `huggingface-cli download "
+    "BestWishYsh/Helios-Distilled --local-dir Helios-Distilled`, then pass --model Helios-Distilled")
+DEMO_MISSING = "no --model given, and the bundled demo model is missing from this installation: " + REAL_WEIGHTS
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helios_jax", "assets", "demo")
 DEFAULT_HEIGHT, DEFAULT_WIDTH, DEFAULT_SEED = 384, 640, 42
 MAX_SEQUENCE_LENGTH = 512
 
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--mode", choices=("t2v", "i2v", "v2v"), default="t2v",
                  help="text-to-video, image-to-video (--image) or video-to-video continuation (--video)")
   p.add_argument("--model", help="diffusers-format Helios folder (model_index.json, transformer/, scheduler/, vae/, "
-                                 "text_encoder/, tokenizer/)")
+                                 "text_encoder/, tokenizer/); default: the small bundled demo model, with a "
+                                 "bundled prompt, start image (i2v) and start video (v2v)")
   p.add_argument("--prompt", help="the text prompt (longer than 512 tokens: truncated, with a warning)")
   p.add_argument("--negative-prompt", help="negative prompt for guidance > 1 (default: empty)")
   p.add_argument("--prompt-embeds", metavar="PATH.npy",
@@ -65,15 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--video", help="V2V: the video to continue (any file FFmpeg reads; >= 33 frames)")
   p.add_argument("--num-frames", type=int, help="frames to generate (rounded up to 33-frame chunks, then trimmed to "
                                                 "4k+1); default 240 for Distilled, 99 otherwise")
-  p.add_argument("--height", type=int, default=DEFAULT_HEIGHT)
-  p.add_argument("--width", type=int, default=DEFAULT_WIDTH)
+  p.add_argument("--height", type=int, help=f"frame height (default: the model folder's, else {DEFAULT_HEIGHT})")
+  p.add_argument("--width", type=int, help=f"frame width (default: the model folder's, else {DEFAULT_WIDTH})")
   p.add_argument("--steps", type=int, nargs="+", metavar="N",
                  help="pyramid: one step count per stage (e.g. 2 2 2); plain (Base): one count")
   p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 disables it)")
   p.add_argument("--seed", type=int, default=DEFAULT_SEED)
   p.add_argument("--out", default="out.mp4", help="output video (.mp4)")
-  p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
-                 help="transformer and text-encoder dtype (the VAE always runs in fp32)")
+  p.add_argument("--dtype", choices=("bf16", "fp32"),
+                 help="transformer and text-encoder dtype (the VAE always runs in fp32); default: the model "
+                      "folder's, else bf16")
   p.add_argument("--contact-sheet", metavar="PATH.png", help="also write a PNG grid of 8 evenly spaced frames")
   p.add_argument("--mesh", metavar="AXIS=N,...",
                  help="run the transformer on several devices, e.g. data=2,sequence=4: data=2 puts the CFG "
@@ -113,7 +116,7 @@ def _check_arguments(args) -> None:
     raise UsageError("--negative-prompt-embeds goes with --prompt-embeds; with --prompt use --negative-prompt")
   if args.num_frames is not None and args.num_frames <= 0:
     raise UsageError(f"--num-frames must be positive, got {args.num_frames}")
-  if args.height <= 0 or args.width <= 0:
+  if (args.height is not None and args.height <= 0) or (args.width is not None and args.width <= 0):
     raise UsageError(f"--height and --width must be positive, got {args.height}x{args.width}")
   if args.steps is not None and min(args.steps) < 1:
     raise UsageError(f"--steps must be positive, got {' '.join(map(str, args.steps))}")
@@ -123,6 +126,31 @@ def _check_arguments(args) -> None:
     raise UsageError(f"--out must name an .mp4 file, got {args.out}")
   if args.contact_sheet and not args.contact_sheet.lower().endswith(".png"):
     raise UsageError(f"--contact-sheet must name a .png file, got {args.contact_sheet}")
+
+
+def _use_demo(args) -> None:
+  """No --model: the bundled demo model, and its bundled prompt / start image / start video where not given."""
+  import json
+  model = os.path.join(DEMO_DIR, "model")
+  if not os.path.isfile(os.path.join(model, "model_index.json")):
+    raise UsageError(DEMO_MISSING)
+  args.model = model
+  with open(os.path.join(DEMO_DIR, "prompts.json"), encoding="utf-8") as f:
+    prompts = json.load(f)
+  if args.prompt is None and not args.prompt_embeds:
+    args.prompt = prompts[args.mode]
+  if args.mode == "i2v" and not args.image and not args.video:
+    args.image = os.path.join(DEMO_DIR, "start.png")
+  if args.mode == "v2v" and not args.video and not args.image:
+    args.video = os.path.join(DEMO_DIR, "start.mp4")
+  if args.contact_sheet is None:
+    args.contact_sheet = os.path.splitext(args.out)[0] + ".png"
+  show = lambda p: os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p
+  print(f"no --model given: using the bundled demo model ({show(model)}), a small Helios trained on "
+        f"procedural scenes of moving shapes (model card: {show(os.path.join(DEMO_DIR, 'README.md'))}). "
+        f"For real videos, {REAL_WEIGHTS}.", flush=True)
+  print(f"prompt: {args.prompt!r}" + (f", start image {show(args.image)}" if args.image else "")
+        + (f", start video {show(args.video)}" if args.video else ""), flush=True)
 
 
 def _component(model: str, name: str, config: str) -> str:
@@ -155,6 +183,7 @@ def _inspect_model(args) -> dict:
     _component(model, "text_encoder", "config.json")
   stages = int(sched.get("stages", 1))
   class_name = index.get("_class_name", "")
+  folder_defaults = index.get("helios_jax_defaults") or {}  # recommended settings written by the folder's trainer
   pyramid = class_name == "HeliosPyramidPipeline" or stages > 1
   distilled = bool(index.get("is_distilled", False))
   zero_star = bool(index.get("is_cfg_zero_star", False))
@@ -164,6 +193,14 @@ def _inspect_model(args) -> dict:
     guidance = 1.0 if distilled else 5.0
   else:
     kind, steps, guidance = "Base", [50], 5.0
+  steps = list(folder_defaults.get("steps", steps))
+  guidance = float(folder_defaults.get("guidance", guidance))
+  if args.height is None:
+    args.height = int(folder_defaults.get("height", DEFAULT_HEIGHT))
+  if args.width is None:
+    args.width = int(folder_defaults.get("width", DEFAULT_WIDTH))
+  if args.dtype is None:
+    args.dtype = folder_defaults.get("dtype", "bf16")
   if args.steps is not None:
     want = stages if pyramid else 1
     if len(args.steps) != want:
@@ -171,7 +208,7 @@ def _inspect_model(args) -> dict:
                        f"({'one per pyramid stage' if pyramid else 'plain sampler'}), got {len(args.steps)}")
     steps = list(args.steps)
   guidance = guidance if args.guidance is None else float(args.guidance)
-  num_frames = args.num_frames or (240 if distilled else 99)
+  num_frames = args.num_frames or int(folder_defaults.get("num_frames", 240 if distilled else 99))
   patch = tcfg.get("patch_size", [1, 2, 2])
   dims = vcfg.get("dim_mult", [1, 2, 4, 4])
   spatial = 2 ** (len(dims) - 1)
@@ -251,7 +288,7 @@ def _encode_text_then_free(args, plan, dtype):
 def _run(argv) -> int:
   args = build_parser().parse_args(argv)
   if not args.model:
-    raise UsageError(DEMO_MISSING)
+    _use_demo(args)
   _check_arguments(args)
   mesh_shape = None
   if args.mesh:

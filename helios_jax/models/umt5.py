@@ -278,6 +278,21 @@ class UMT5EncoderModel(nnx.Module):
     """
     return _encode_masked(self, jnp.asarray(input_ids), jnp.asarray(attention_mask))
 
+  def state_dict(self, dtype: Any = None) -> dict[str, np.ndarray]:
+    """The transformers ``UMT5EncoderModel`` state dict (``shared.weight``, ``encoder.*``) that
+    :meth:`from_pretrained` reads back; ``dtype`` casts every tensor (default: the parameter dtype)."""
+    pure = nnx.state(self).to_pure_dict()
+    cast = lambda a: np.ascontiguousarray(np.asarray(jax.device_get(a)).astype(dtype or a.dtype))
+    out = {"shared.weight": cast(pure["shared"]["embedding"]),
+           "encoder.final_layer_norm.weight": cast(pure["final_layer_norm"]["weight"])}
+    for path, (suffix, _, transpose) in _block_spec(self.config).items():
+      stacked = pure["blocks"]
+      for part in path:
+        stacked = stacked[part]
+      for i in range(self.config.num_layers):
+        out[f"encoder.block.{i}.{suffix}"] = cast(stacked[i].T if transpose else stacked[i])
+    return out
+
   @classmethod
   def from_pretrained(cls, folder: str, dtype: Any = jnp.bfloat16) -> "UMT5EncoderModel":
     """Loads a transformers ``UMT5EncoderModel`` folder (e.g. a Helios checkpoint's ``text_encoder/``).
@@ -311,6 +326,28 @@ def _encode_masked(model: UMT5EncoderModel, input_ids: jax.Array, attention_mask
   return jnp.where(attention_mask[:, :, None] != 0, hidden, jnp.zeros((), hidden.dtype))
 
 
+def _block_spec(config: UMT5Config) -> dict[tuple[str, ...], tuple[str, tuple[int, ...], bool]]:
+  """Per-block parameter path -> (checkpoint key suffix, our shape, stored transposed)."""
+  d, inner, ff = config.d_model, config.inner_dim, config.d_ff
+  spec: dict[tuple[str, ...], tuple[str, tuple[int, ...], bool]] = {
+      ("layer_norm", "weight"): ("layer.0.layer_norm.weight", (d,), False),
+      ("q", "kernel"): ("layer.0.SelfAttention.q.weight", (d, inner), True),
+      ("k", "kernel"): ("layer.0.SelfAttention.k.weight", (d, inner), True),
+      ("v", "kernel"): ("layer.0.SelfAttention.v.weight", (d, inner), True),
+      ("o", "kernel"): ("layer.0.SelfAttention.o.weight", (inner, d), True),
+      ("relative_attention_bias",): ("layer.0.SelfAttention.relative_attention_bias.weight",
+                                     (config.relative_attention_num_buckets, config.num_heads), False),
+      ("ffn_norm", "weight"): ("layer.1.layer_norm.weight", (d,), False),
+      ("wo", "kernel"): ("layer.1.DenseReluDense.wo.weight", (ff, d), True),
+  }
+  if config.is_gated_act:
+    spec[("wi_0", "kernel")] = ("layer.1.DenseReluDense.wi_0.weight", (d, ff), True)
+    spec[("wi_1", "kernel")] = ("layer.1.DenseReluDense.wi_1.weight", (d, ff), True)
+  else:
+    spec[("wi", "kernel")] = ("layer.1.DenseReluDense.wi.weight", (d, ff), True)
+  return spec
+
+
 def _read_weights(weights: SafetensorsFolder, config: UMT5Config, folder: str, dtype: np.dtype) -> dict:
   """Reads every tensor the encoder needs, cast to ``dtype`` on the host, into a dict shaped like the pure state."""
   missing: list[str] = []
@@ -329,7 +366,7 @@ def _read_weights(weights: SafetensorsFolder, config: UMT5Config, folder: str, d
     arr = arr.T if transpose else arr
     return arr if arr.dtype == dtype else arr.astype(dtype)
 
-  d, inner, ff, nl = config.d_model, config.inner_dim, config.d_ff, config.num_layers
+  d, nl = config.d_model, config.num_layers
   emb_key = "shared.weight" if "shared.weight" in weights else "encoder.embed_tokens.weight"
   if emb_key not in weights:
     missing.append("shared.weight (or encoder.embed_tokens.weight)")
@@ -337,23 +374,7 @@ def _read_weights(weights: SafetensorsFolder, config: UMT5Config, folder: str, d
   else:
     embedding = read(emb_key, (config.vocab_size, d))
 
-  block_spec: dict[tuple[str, ...], tuple[str, tuple[int, ...], bool]] = {
-      ("layer_norm", "weight"): ("layer.0.layer_norm.weight", (d,), False),
-      ("q", "kernel"): ("layer.0.SelfAttention.q.weight", (d, inner), True),
-      ("k", "kernel"): ("layer.0.SelfAttention.k.weight", (d, inner), True),
-      ("v", "kernel"): ("layer.0.SelfAttention.v.weight", (d, inner), True),
-      ("o", "kernel"): ("layer.0.SelfAttention.o.weight", (inner, d), True),
-      ("relative_attention_bias",): ("layer.0.SelfAttention.relative_attention_bias.weight",
-                                     (config.relative_attention_num_buckets, config.num_heads), False),
-      ("ffn_norm", "weight"): ("layer.1.layer_norm.weight", (d,), False),
-      ("wo", "kernel"): ("layer.1.DenseReluDense.wo.weight", (ff, d), True),
-  }
-  if config.is_gated_act:
-    block_spec[("wi_0", "kernel")] = ("layer.1.DenseReluDense.wi_0.weight", (d, ff), True)
-    block_spec[("wi_1", "kernel")] = ("layer.1.DenseReluDense.wi_1.weight", (d, ff), True)
-  else:
-    block_spec[("wi", "kernel")] = ("layer.1.DenseReluDense.wi.weight", (d, ff), True)
-
+  block_spec = _block_spec(config)
   blocks: dict = {}
   for path, (suffix, shape, transpose) in block_spec.items():
     stacked = None

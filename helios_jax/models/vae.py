@@ -518,6 +518,20 @@ def _from_checkpoint_layout(path: Sequence[Any], value: np.ndarray) -> np.ndarra
   return value
 
 
+def _to_checkpoint_layout(path: Sequence[Any], value: np.ndarray) -> np.ndarray:
+  """Inverse of :func:`_from_checkpoint_layout`: our parameter -> the torch-layout tensor diffusers stores."""
+  leaf = str(path[-1])
+  want = _checkpoint_shape(path, tuple(value.shape))
+  if leaf == "kernel":
+    if value.ndim == 5:
+      return value.transpose(4, 3, 0, 1, 2)
+    if value.ndim == 2:
+      return value.T.reshape(want)
+    if value.ndim == 4:
+      return value.transpose(3, 2, 0, 1)
+  return value.reshape(want)
+
+
 def _param_items(model: nnx.Module):
   for path, var in nnx.iter_graph(model):
     if isinstance(var, nnx.Param):
@@ -601,6 +615,16 @@ class AutoencoderKLWan(nnx.Module):
     with SafetensorsFolder(folder, DIFFUSERS_WEIGHTS_NAME) as weights:
       return cls.from_state_dict(config, weights, dtype=dtype, source=folder)
 
+  def state_dict(self, dtype=None) -> dict[str, np.ndarray]:
+    """The diffusers-layout state dict (keys and torch shapes of ``checkpoint_shapes``) that
+    :meth:`from_state_dict` reads back; ``dtype`` casts every tensor (default: the parameter dtype)."""
+    out = {}
+    for path, var in _param_items(self):
+      value = np.asarray(jax.device_get(var.get_value()))
+      out[_checkpoint_key(path)] = np.ascontiguousarray(_to_checkpoint_layout(path, value).astype(dtype or
+                                                                                                  value.dtype))
+    return out
+
   # -- channels-last cores ----------------------------------------------------------------------------------
 
   def _check_video(self, video) -> jax.Array:
@@ -637,12 +661,15 @@ class AutoencoderKLWan(nnx.Module):
     x = self.quant_conv(self.encoder(x))
     return rearrange(x, "b t h w c -> b c t h w")
 
-  def decode_latents(self, latents: jax.Array) -> jax.Array:
-    """post_quant_conv + decoder + clamp: (B, z, T, h, w) -> (B, Cout, 1 + 4 (T - 1), 8h, 8w), unjitted."""
+  def decode_latents(self, latents: jax.Array, clip: bool = True) -> jax.Array:
+    """post_quant_conv + decoder + clamp: (B, z, T, h, w) -> (B, Cout, 1 + 4 (T - 1), 8h, 8w), unjitted.
+
+    ``clip=False`` skips the clamp to [-1, 1] (VAE training: the clamp has no gradient outside the range)."""
     latents = self._check_latents(latents)
     z = rearrange(latents, "b c t h w -> b t h w c").astype(self.dtype)
     x = self.decoder(self.post_quant_conv(z))
-    return rearrange(jnp.clip(x, -1.0, 1.0), "b t h w c -> b c t h w")
+    x = jnp.clip(x, -1.0, 1.0) if clip else x
+    return rearrange(x, "b t h w c -> b c t h w")
 
   # -- public API ---------------------------------------------------------------------------------------------
 

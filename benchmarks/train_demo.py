@@ -1,0 +1,253 @@
+#!/usr/bin/env python
+"""Trains the bundled demo model end to end in one command: VAE -> encoded scenes -> Base -> Mid (-> Base without
+anti-drifting, for the ablation), each stage through the project's own trainers, under one wall-clock budget.
+
+    python benchmarks/train_demo.py --out OUT                # GPU (about 8 minutes on one H200)
+    python benchmarks/train_demo.py --out /tmp/demo --quick  # CPU dry run with the :tiny configs (minutes)
+    python benchmarks/train_demo.py --assemble OUT           # unpack a run's outputs into helios_jax/assets/demo
+
+Writes to OUT (at most 8 files, each well under 16 MiB, so the GPU tool returns them):
+  components.tar.gz          vae/ text_encoder/ tokenizer/ (shared by every pipeline folder)
+  transformer_<name>.tar.gz  the merged transformer of each trained stage (base, mid, base_nocorrupt)
+  train_log.json             losses and timings of every stage (one record per logged step) and the summary
+Each stage has its own budget (seconds); a stage that reaches it saves, stops and exports what it has (the
+record says so), so the command always finishes in time. Latents are encoded once, on the device.
+
+``--assemble`` turns those files into diffusers-layout pipeline folders: the default bundled model
+``helios_jax/assets/demo/model`` (Mid, or the best stage trained) and ``runs/demo/<name>`` for the others
+(``benchmarks/demo_quality.py`` compares them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tarfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+ASSETS = os.path.join(ROOT, "helios_jax", "assets", "demo")
+DEFAULT_MODEL = os.path.join(ASSETS, "model")
+# Budgets (seconds) per stage on the GPU; the sum plus start-up stays under the 9-minute command limit.
+BUDGETS = dict(vae=95.0, data=45.0, base=150.0, mid=110.0, base_nocorrupt=0.0)
+QUICK_BUDGETS = dict(vae=0.0, data=0.0, base=0.0, mid=0.0, base_nocorrupt=0.0)  # 0 = no limit
+# Sampling defaults written into each folder's model_index.json ("helios_jax_defaults", read by sample.py).
+SAMPLE_DEFAULTS = dict(base=dict(steps=[30], guidance=1.0, dtype="fp32"),
+                       mid=dict(steps=[10, 10, 10], guidance=1.0, dtype="fp32"),
+                       base_nocorrupt=dict(steps=[30], guidance=1.0, dtype="fp32"),
+                       distilled=dict(steps=[1, 1, 1], guidance=1.0, dtype="fp32"))
+
+
+def _log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train_with_budget(config, workdir: str, seconds: float) -> dict:
+  """``trainer.train`` with a wall-clock budget: SIGTERM at the deadline makes it save and stop; the run is then
+  closed at the step it reached (total_steps lowered, which exports the merged model)."""
+  from helios_jax.training.trainer import train
+  timer = None
+  if seconds > 0:
+    timer = threading.Timer(seconds, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.daemon = True
+    timer.start()
+  try:
+    out = train(config, workdir, progress=False)
+  finally:
+    if timer is not None:
+      timer.cancel()
+  if out["stopped_by"]:
+    _log(f"budget of {seconds:.0f} s reached at step {out['final_step']}; exporting that step")
+    requested = int(config.total_steps)
+    config.total_steps = int(out["final_step"])
+    again = train(config, workdir, progress=False)
+    out = dict(out, requested_steps=requested, exported_step=again["final_step"])
+  return out
+
+
+def _metrics(workdir: str) -> list[dict]:
+  from helios_jax.training.metrics import read_metrics
+  return read_metrics(workdir)
+
+
+def _tar(path: str, members: dict[str, str]) -> None:
+  with tarfile.open(path, "w:gz") as tar:
+    for arcname, src in members.items():
+      tar.add(src, arcname=arcname)
+
+
+def run(args) -> dict:
+  import jax
+  import demo_base
+  import demo_mid
+  import demo_vae
+  from helios_jax.training import demo, vae_train
+  quick = args.quick
+  budgets = dict(QUICK_BUDGETS if quick else BUDGETS)
+  for item in args.budget or []:
+    k, v = item.split("=")
+    budgets[k] = float(v)
+  stages = args.stages.split(",")
+  work = args.work
+  comp = os.path.join(work, "components")
+  os.makedirs(args.out, exist_ok=True)
+  os.makedirs(comp, exist_ok=True)
+  log = dict(device=str(jax.devices()[0]), quick=quick, stages={}, budgets=budgets, started=time.time())
+  t_all = time.perf_counter()
+
+  def save_log():
+    log["elapsed_s"] = time.perf_counter() - t_all
+    with open(os.path.join(args.out, "train_log.json"), "w", encoding="utf-8") as f:
+      json.dump(log, f, indent=1)
+
+  variant = "tiny" if quick else ""
+  # 1. VAE (or reuse the bundled one)
+  vae_folder = os.path.join(comp, "vae")
+  if "vae" in stages:
+    t0 = time.perf_counter()
+    cfg = demo_vae.get_config(variant)
+    cfg.max_seconds = budgets["vae"]
+    if args.vae_steps:
+      cfg.total_steps = args.vae_steps
+    vae, losses = vae_train.train_vae(cfg, os.path.join(work, "vae_run"), progress=True)
+    vae_train.save_vae(vae, vae_folder)
+    log["stages"]["vae"] = dict(seconds=time.perf_counter() - t0, metrics=_metrics(os.path.join(work, "vae_run")),
+                                latents_mean=list(vae.config.latents_mean),
+                                latents_std=list(vae.config.latents_std))
+    _log(f"vae done in {time.perf_counter() - t0:.0f} s, last loss {losses[-1]:.4f}")
+    save_log()
+  elif not os.path.isdir(vae_folder):
+    shutil.copytree(os.path.join(args.reuse, "vae"), vae_folder)
+  # 2. text side (random, frozen; deterministic from the seed)
+  if not os.path.isdir(os.path.join(comp, "text_encoder")):
+    if args.reuse and os.path.isdir(os.path.join(args.reuse, "text_encoder")):
+      for name in ("text_encoder", "tokenizer"):
+        shutil.copytree(os.path.join(args.reuse, name), os.path.join(comp, name))
+    else:
+      vocab = demo.write_tokenizer(os.path.join(comp, "tokenizer"))
+      demo.write_text_encoder(os.path.join(comp, "text_encoder"), vocab, seed=0)
+  _tar(os.path.join(args.out, "components.tar.gz"), {n: os.path.join(comp, n) for n in
+                                                     ("vae", "text_encoder", "tokenizer")})
+  # 3. encoded scenes
+  data_dir = os.path.join(work, "data")
+  if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+    from helios_jax.models.vae import AutoencoderKLWan
+    t0 = time.perf_counter()
+    vae = AutoencoderKLWan.from_pretrained(vae_folder)
+    embed = demo.caption_embedder(os.path.join(comp, "text_encoder"), os.path.join(comp, "tokenizer"))
+    vcfg = demo_vae.get_config(variant)
+    meta = demo.encode_dataset(data_dir, vae, embed, num_clips=args.clips or (8 if quick else 4096),
+                               num_chunks=demo_base.get_config(variant).data.num_chunks, seed=0,
+                               scene_cfg=vae_train.scene_config(vcfg.data), batch=4 if quick else 64,
+                               progress=True)
+    log["stages"]["data"] = dict(seconds=time.perf_counter() - t0, meta=meta)
+    _log(f"encoded {meta['num_clips']} clips in {time.perf_counter() - t0:.0f} s")
+    save_log()
+  # 4. transformer stages
+  trained = {}
+  for name in ("base", "mid", "base_nocorrupt"):
+    if name not in stages:
+      continue
+    if name == "mid":
+      if "base" not in trained:
+        _log("mid needs base in the same run; skipped")
+        continue
+      cfg = demo_mid.get_config(variant)
+      cfg.model.pretrained = trained["base"]
+    else:
+      cfg = demo_base.get_config(",".join(v for v in (variant, "nocorrupt" if name == "base_nocorrupt" else "")
+                                          if v))
+    cfg.data.data_dir = data_dir
+    if args.steps:
+      cfg.total_steps = args.steps
+    t0 = time.perf_counter()
+    wd = os.path.join(work, name)
+    out = train_with_budget(cfg, wd, budgets.get(name, 0.0))
+    merged = os.path.join(wd, "merged")
+    trained[name] = merged
+    _tar(os.path.join(args.out, f"transformer_{name}.tar.gz"), {"transformer": merged})
+    log["stages"][name] = dict(seconds=time.perf_counter() - t0, final_step=out["final_step"],
+                               requested_steps=out.get("requested_steps", int(cfg.total_steps)),
+                               num_trainable=out["num_trainable"], metrics=_metrics(wd))
+    _log(f"{name}: {out['final_step']} steps in {time.perf_counter() - t0:.0f} s, "
+         f"last loss {out['losses'][-1] if out['losses'] else float('nan'):.4f}")
+    save_log()
+  save_log()
+  return log
+
+
+def _extract(tar_path: str, dest: str) -> None:
+  with tarfile.open(tar_path) as tar:
+    tar.extractall(dest, filter="data") if sys.version_info >= (3, 12) else tar.extractall(dest)
+
+
+def assemble(src: str, default_kind: str = "", runs: str = os.path.join(ROOT, "runs", "demo")) -> dict:
+  """Unpacks a run's outputs (``src``) into pipeline folders; returns {name: folder}."""
+  import tempfile
+  from helios_jax.training import demo
+  with open(os.path.join(src, "train_log.json"), encoding="utf-8") as f:
+    log = json.load(f)
+  tmp = tempfile.mkdtemp(prefix="demo_assemble_")
+  _extract(os.path.join(src, "components.tar.gz"), tmp)
+  names = [n for n in ("mid", "base", "base_nocorrupt", "distilled")
+           if os.path.isfile(os.path.join(src, f"transformer_{n}.tar.gz"))]
+  if not names:
+    raise SystemExit(f"no transformer_*.tar.gz in {src}")
+  default = default_kind or names[0]
+  scene = log["stages"].get("data", {}).get("meta", {})
+  folders = {}
+  for name in names:
+    t = os.path.join(tmp, name)
+    _extract(os.path.join(src, f"transformer_{name}.tar.gz"), t)
+    kind = "base" if name.startswith("base") else name
+    out = DEFAULT_MODEL if name == default else os.path.join(runs, name)
+    shutil.rmtree(out, ignore_errors=True)
+    defaults = dict(height=scene.get("pixel_height", 128), width=scene.get("pixel_width", 128), num_frames=99,
+                    **SAMPLE_DEFAULTS[name])
+    demo.write_pipeline_folder(out, kind, os.path.join(t, "transformer"), os.path.join(tmp, "vae"),
+                               os.path.join(tmp, "text_encoder"), os.path.join(tmp, "tokenizer"),
+                               extra={"helios_jax_defaults": defaults, "helios_jax_demo": name})
+    folders[name] = out
+    print(f"{name} -> {out}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  return folders
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", help="output folder ($OUT on the GPU machine)")
+  p.add_argument("--work", default="/tmp/helios_demo_work", help="scratch folder (runs, encoded data)")
+  p.add_argument("--quick", action="store_true", help="CPU dry run: :tiny configs, a few steps")
+  p.add_argument("--stages", default="vae,base,mid", help="comma list of vae, base, mid, base_nocorrupt")
+  p.add_argument("--reuse", default=DEFAULT_MODEL,
+                 help="pipeline folder whose vae/ text_encoder/ tokenizer/ are reused when 'vae' is not a stage")
+  p.add_argument("--budget", action="append", metavar="STAGE=SECONDS", help="override a stage's budget")
+  p.add_argument("--steps", type=int, help="override total_steps of the transformer stages")
+  p.add_argument("--vae-steps", type=int, help="override total_steps of the VAE")
+  p.add_argument("--clips", type=int, help="number of encoded training clips")
+  p.add_argument("--assemble", metavar="SRC", help="unpack SRC (a run's --out) into helios_jax/assets/demo")
+  p.add_argument("--default", default="", help="with --assemble: which stage becomes the bundled default")
+  args = p.parse_args(argv)
+  if args.assemble:
+    assemble(args.assemble, args.default)
+    return 0
+  if not args.out:
+    p.error("--out is required")
+  log = run(args)
+  print(json.dumps({k: v for k, v in log.items() if k != "stages"}, indent=1))
+  for name, rec in log["stages"].items():
+    m = rec.get("metrics") or []
+    print(f"{name}: {rec['seconds']:.0f} s" + (f", final loss {m[-1].get('loss')}" if m else ""))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,59 @@
+"""The bundled demo model's VAE: a small Wan2.1-architecture ``AutoencoderKLWan`` trained on procedural scenes.
+
+Same architecture as the Wan2.1 VAE Helios uses (8x spatial / 4x temporal compression, 16 latent channels), with
+base width 32 instead of 96 and one residual block per level instead of two. ``:tiny`` trains in seconds on a CPU
+(tests and ``benchmarks/train_demo.py --quick``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1500
+  c.max_seconds = 0.0  # wall-clock budget (0 = none); the GPU script sets it
+  c.batch_size = 8
+  c.log_every = 25
+  c.stats_clips = 64  # clips for the latents mean / std written into vae/config.json
+
+  c.model = ml_collections.ConfigDict()
+  c.model.base_dim = 32  # Wan2.1: 96
+  c.model.z_dim = 16  # as Wan2.1
+  c.model.dim_mult = (1, 2, 4, 4)  # as Wan2.1: 8x spatial compression
+  c.model.num_res_blocks = 1  # Wan2.1: 2
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-3
+  c.optim.warmup_steps = 50
+  c.optim.final_lr_fraction = 0.05
+  c.optim.max_grad_norm = 1.0
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.kl_weight = 1e-4  # small: the latents stay informative; the std normalisation rescales them
+  c.objective.mse_weight = 1.0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.seed = 1000  # scene stream of the VAE (the diffusion data uses other streams)
+  c.data.height = 128
+  c.data.width = 128
+  c.data.frames = 17  # 1 + 4k frames per training clip (5 latents; the convs are causal, so 33-frame chunks work)
+  c.data.max_start = 200  # clips start at a random frame in [0, max_start]
+
+  if arg == "tiny":
+    c.total_steps = 4
+    c.batch_size = 2
+    c.log_every = 1
+    c.stats_clips = 2
+    c.model.base_dim = 4
+    c.model.z_dim = 4
+    c.model.dim_mult = (1, 2, 2, 2)
+    c.data.height = 64
+    c.data.width = 64
+    c.data.frames = 5
+    c.data.max_start = 10
+  elif arg:
+    raise ValueError(f"unknown config variant {arg!r} (use '' or 'tiny')")
+  return c

@@ -1,0 +1,159 @@
+"""Training a small Wan-architecture VAE (``AutoencoderKLWan``) on procedural scenes, for the bundled demo model.
+
+Objective (as simple as works, the usual KL-autoencoder recipe without the adversarial and perceptual terms)::
+
+    loss = mean |x - D(z)| + mse_weight * mean (x - D(z))^2 + kl_weight * mean KL(q(z|x) || N(0, I)),
+    z ~ q(z|x) = N(mean, exp(logvar))   (reparameterised),
+
+on short clips (``config.data.frames`` frames, 1 + 4k) rendered on the fly from :mod:`helios_jax.training.scenes`.
+Every step is a pure function of (seed, step): scene indices ``step * B .. step * B + B - 1`` and a start frame
+drawn from ``(seed, step)``. The decoder's output clamp is skipped in the loss (it has no gradient outside
+[-1, 1]). At the end the per-channel mean and std of posterior samples over ``config.stats_clips`` fresh clips
+become ``latents_mean`` / ``latents_std`` of the exported config, as the Wan VAE ships them, so the diffusion model
+sees unit-scale latents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from helios_jax.models.vae import AutoencoderKLWan, WanVAEConfig
+from helios_jax.training import metrics, scenes
+
+
+def vae_config(model_cfg) -> WanVAEConfig:
+  """The ``WanVAEConfig`` of ``config.model`` (placeholder latents mean/std: 0 and 1)."""
+  z = int(model_cfg.z_dim)
+  return WanVAEConfig(base_dim=int(model_cfg.base_dim), z_dim=z, dim_mult=tuple(model_cfg.dim_mult),
+                      num_res_blocks=int(model_cfg.num_res_blocks), latents_mean=(0.0,) * z,
+                      latents_std=(1.0,) * z)
+
+
+def scene_config(data_cfg) -> scenes.SceneConfig:
+  return scenes.SceneConfig(height=int(data_cfg.height), width=int(data_cfg.width))
+
+
+def vae_loss(model: AutoencoderKLWan, video: jax.Array, eps: jax.Array, kl_weight: float,
+             mse_weight: float) -> tuple[jax.Array, dict]:
+  """Loss of one batch. video (B, 3, F, H, W) in [-1, 1]; eps (B, z, T, h, w) standard normal draws."""
+  moments = model.encode_moments(video)
+  mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=1)
+  logvar = jnp.clip(logvar, -30.0, 20.0)  # the clamp of diffusers' DiagonalGaussianDistribution
+  z = mean + jnp.exp(0.5 * logvar) * eps
+  recon = model.decode_latents(z, clip=False).astype(jnp.float32)
+  target = video[:, :, :recon.shape[2]].astype(jnp.float32)
+  l1 = jnp.mean(jnp.abs(recon - target))
+  mse = jnp.mean((recon - target) ** 2)
+  kl = jnp.mean(0.5 * (mean ** 2 + jnp.exp(logvar) - 1.0 - logvar))
+  loss = l1 + mse_weight * mse + kl_weight * kl
+  return loss, dict(l1=l1, mse=mse, kl=kl)
+
+
+def make_train_step(graphdef, tx, kl_weight: float, mse_weight: float):
+  """Jitted ``step(params, opt_state, video, eps) -> (params, opt_state, metrics)``."""
+
+  def loss_fn(params, video, eps):
+    return vae_loss(nnx.merge(graphdef, params), video, eps, kl_weight, mse_weight)
+
+  @jax.jit
+  def step(params, opt_state, video, eps):
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, video, eps)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, dict(loss=loss, grad_norm=optax.global_norm(grads), **parts)
+
+  return step
+
+
+def clip_batch(seed: int, step: int, batch: int, frames: int, max_start: int,
+               cfg: scenes.SceneConfig) -> jax.Array:
+  """Video batch ``step``: (B, 3, frames, H, W) in [-1, 1], rendered on the default device."""
+  start = int(np.random.default_rng([seed, step, 1]).integers(0, max_start + 1))
+  params, _ = scenes.scene_batch(seed, range(step * batch, (step + 1) * batch), cfg)
+  pixels = scenes.render(params, np.arange(start, start + frames), cfg)  # (B, F, H, W, 3)
+  return jnp.transpose(pixels * 2.0 - 1.0, (0, 4, 1, 2, 3))
+
+
+def latent_stats(model: AutoencoderKLWan, seed: int, clips: int, batch: int, frames: int,
+                 cfg: scenes.SceneConfig) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and std of posterior *samples* over ``clips`` clips of stream ``seed``: (z,), (z,).
+
+  Exact moments of the mixture (E z = E mu, E z^2 = E mu^2 + E exp(logvar)), so the normalised samples the
+  dataset stores have unit variance even while the posterior variance is still large (a briefly trained VAE).
+  """
+  encode = jax.jit(lambda m, v: m.encode_moments(v))
+  total, total_sq, count = 0.0, 0.0, 0
+  for i in range(max(1, clips // batch)):
+    video = clip_batch(seed, i, batch, frames, 0, cfg)
+    mean, logvar = (np.asarray(a, np.float64) for a in jnp.split(encode(model, video), 2, axis=1))
+    total = total + mean.sum(axis=(0, 2, 3, 4))
+    total_sq = total_sq + (mean ** 2 + np.exp(np.clip(logvar, -30.0, 20.0))).sum(axis=(0, 2, 3, 4))
+    count += mean.size // mean.shape[1]
+  mu = total / count
+  std = np.sqrt(np.maximum(total_sq / count - mu ** 2, 1e-12))
+  return mu.astype(np.float32), std.astype(np.float32)
+
+
+def train_vae(config, workdir: str, progress: bool = False) -> tuple[AutoencoderKLWan, list[float]]:
+  """Trains the VAE of ``config`` (configs/demo_vae.py); returns (model with latents mean/std set, losses).
+
+  Writes ``workdir/metrics.jsonl``. The model is float32. ``config.max_seconds`` (0 = off) stops the loop early
+  on a wall-clock budget (the GPU script uses it so one command always finishes).
+  """
+  cfg = vae_config(config.model)
+  scfg = scene_config(config.data)
+  model = AutoencoderKLWan(cfg, dtype=jnp.float32, rngs=nnx.Rngs(int(config.seed)))
+  graphdef, params = nnx.split(model)
+  lr, warm = float(config.optim.learning_rate), min(int(config.optim.warmup_steps), int(config.total_steps) // 2)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(int(config.total_steps), warm + 1),
+                                                float(config.optim.final_lr_fraction) * lr)
+  tx = optax.chain(optax.clip_by_global_norm(float(config.optim.max_grad_norm)), optax.adam(schedule))
+  opt_state = tx.init(params)
+  step_fn = make_train_step(graphdef, tx, float(config.objective.kl_weight), float(config.objective.mse_weight))
+  writer = metrics.MetricsWriter(workdir, tensorboard=False)
+  b, f = int(config.batch_size), int(config.data.frames)
+  t_lat = cfg.num_latent_frames(f)
+  h, w = scfg.height // cfg.spatial_compression, scfg.width // cfg.spatial_compression
+  losses = []
+  t0 = time.perf_counter()
+  budget = float(config.get("max_seconds", 0) or 0)
+  for step in range(int(config.total_steps)):
+    if budget and time.perf_counter() - t0 > budget:
+      print(f"vae: wall-clock budget of {budget:.0f} s reached after {step} steps", flush=True)
+      break
+    video = clip_batch(int(config.data.seed), step, b, f, int(config.data.max_start), scfg)
+    eps = jax.random.normal(jax.random.fold_in(jax.random.key(int(config.seed)), step), (b, cfg.z_dim, t_lat, h, w))
+    params, opt_state, m = step_fn(params, opt_state, video, eps)
+    if (step + 1) % int(config.log_every) == 0 or step + 1 == int(config.total_steps):
+      m = {k: float(v) for k, v in m.items()}
+      losses.append(m["loss"])
+      writer.write(step + 1, dict(**m, lr=float(schedule(step)), elapsed=time.perf_counter() - t0))
+      if progress:
+        print(f"vae step {step + 1}: loss {m['loss']:.4f} l1 {m['l1']:.4f} kl {m['kl']:.3f}", flush=True)
+  writer.close()
+  model = nnx.merge(graphdef, params)
+  mu, std = latent_stats(model, int(config.data.seed) + 1, int(config.stats_clips), b, f, scfg)
+  model.config = dataclasses.replace(cfg, latents_mean=tuple(float(v) for v in mu),
+                                     latents_std=tuple(float(v) for v in std))
+  return model, losses
+
+
+def save_vae(model: AutoencoderKLWan, folder: str) -> None:
+  """Writes a diffusers ``vae/`` folder (config.json + diffusion_pytorch_model.safetensors, float32)."""
+  from helios_jax.io.checkpoint import save_safetensors_folder
+  c = model.config
+  config = {"_class_name": "AutoencoderKLWan", "_diffusers_version": "0.42.1", "attn_scales": [],
+            "base_dim": c.base_dim, "decoder_base_dim": None, "dim_mult": list(c.dim_mult), "dropout": 0.0,
+            "in_channels": 3, "is_residual": False, "latents_mean": list(c.latents_mean),
+            "latents_std": list(c.latents_std), "num_res_blocks": c.num_res_blocks, "out_channels": 3,
+            "patch_size": None, "scale_factor_spatial": c.spatial_compression,
+            "scale_factor_temporal": c.temporal_compression, "temperal_downsample": list(c.temperal_downsample),
+            "z_dim": c.z_dim}
+  save_safetensors_folder(folder, model.state_dict(np.float32), config)
