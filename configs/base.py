@@ -99,6 +99,37 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.log_every = 1
   c.export_merged = True  # write WORKDIR/merged (diffusers layout) at the end of the run
 
+  # Validation sampling with the real pipeline (helios_jax.training.validation): WORKDIR/samples/step_N/*.mp4.
+  # Reference (spec 9): every 500 steps, one prompt, stage 1 = 50 steps CFG 5, 99 frames at 384x640. Off until
+  # `vae` is set.
+  v = c.validation = ml_collections.ConfigDict()
+  v.every = 500  # optimiser steps between samples; 0 = only at the end
+  v.at_end = True  # also after the last step
+  v.prompts = ("A red fox runs through fresh snow in a quiet pine forest, soft morning light.",)
+  v.negative_prompt = ""  # the reference uses Wan's default negative prompt; set it here for CFG
+  v.vae = ""  # diffusers Wan VAE folder (e.g. Helios-Base/vae); "random:tiny" = random tiny VAE (smoke runs)
+  v.vae_dtype = "float32"
+  v.text_encoder = ""  # UMT5 folder (e.g. Helios-Base/text_encoder); encoded once at start, then freed
+  v.tokenizer = ""  # tokenizer folder (default: text_encoder)
+  v.text_encoder_dtype = "bfloat16"
+  v.max_sequence_length = 512
+  v.prompt_embeds = ()  # instead of a text encoder: one .npy (L, text_dim) per prompt
+  v.negative_prompt_embeds = ""  # .npy, needed with prompt_embeds when guidance_scale > 1
+  v.random_prompt_embeds = False  # seeded random embeddings (smoke runs, :tiny)
+  v.pipeline = "plain"  # plain (HeliosPipeline, stage 1) / pyramid (HeliosPyramidPipeline)
+  v.scheduler = "unipc"  # unipc / euler / dmd
+  v.steps = (50,)  # plain: one count; pyramid: one per stage
+  v.guidance_scale = 5.0
+  v.cfg_zero_star = False
+  v.amplify_first_chunk = False
+  v.use_dynamic_shifting = True
+  v.time_shift_type = "exponential"  # spec 4.3: stages 1/2 validation
+  v.num_frames = 99
+  v.height = 384
+  v.width = 640
+  v.seed = 42
+  v.fps = 24
+
   if arg in ("", "init"):
     pass
   elif arg == "post":
@@ -129,4 +160,14 @@ def make_tiny(c: ml_collections.ConfigDict) -> None:
   c.data.text_dim = 32
   c.checkpoint.every = 20
   c.checkpoint.keep = 2
+  # Validation: random tiny VAE and random prompt embeddings, one 33-frame chunk at 64x64; off by default (it
+  # costs more than the tiny run), on with --config.validation.at_end=True or --config.validation.every=N.
+  c.validation.every = 0
+  c.validation.at_end = False
+  c.validation.vae = "random:tiny"
+  c.validation.random_prompt_embeds = True
+  c.validation.steps = (2,)
+  c.validation.num_frames = 33
+  c.validation.height = 64
+  c.validation.width = 64
   c.mesh.fsdp_min_size = 0  # shard even the tiny tensors, so a tiny run on a mesh exercises every rule

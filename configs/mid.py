@@ -28,6 +28,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 1000
   c.objective.weighting_scheme = "none"
   c.objective.stage2_sample_ratios = (1, 2, 1)
+  c.validation.pipeline = "pyramid"  # spec 9: stage 2 validates with pyramid 20/20/20, CFG 5 (CFG-Zero*)
+  c.validation.steps = (20, 20, 20)
+  c.validation.cfg_zero_star = True
   if arg in ("", "init"):
     pass
   elif arg == "post":
@@ -39,6 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.objective.stage2_sample_ratios = (1, 1, 1)
   elif arg == "tiny":
     base.make_tiny(c)
+    c.validation.steps = (1, 1, 1)
     c.batch_size = 2
     c.optim.warmup_steps = 5
   else:

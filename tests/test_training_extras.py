@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import base as base_config  # noqa: E402
+import mid as mid_config  # noqa: E402
 
 from helios_jax.training import data, losses, lora, metrics, stages  # noqa: E402
 from helios_jax.training.trainer import make_source  # noqa: E402
@@ -96,3 +97,99 @@ def test_bind_never_builds_a_merged_block_stack():
 
   assert stacked_dots(fwd(_merged_forward))  # the reference merges the whole stack up front
   assert not stacked_dots(fwd(lora.bind))
+
+
+def test_metrics_go_to_tensorboard(tmp_path):
+  pytest.importorskip("tensorboard")
+  rows = [(1, dict(loss=0.5, grad_norm=2.0, lr=1e-4, step_time=0.1, tokens_per_s=1e3)),
+          (2, dict(loss=0.25, dmd_loss=-3.5, critic_loss=7.0)), (3, dict(loss=float("nan")))]
+  w = metrics.MetricsWriter(str(tmp_path))
+  for step, values in rows:
+    w.write(step, values)
+  w.close()
+  tb = metrics.read_tensorboard(str(tmp_path / "tensorboard"))
+  expected: dict = {}
+  for step, values in rows:
+    for k, v in values.items():
+      expected.setdefault(k, []).append((step, v))
+  assert tb.keys() == expected.keys()
+  for k, pairs in expected.items():
+    assert [s for s, _ in tb[k]] == [s for s, _ in pairs]
+    np.testing.assert_allclose([v for _, v in tb[k]], np.float32([v for _, v in pairs]), rtol=1e-7)
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [1, 2, 3]
+
+
+
+def _tiny_validation(cfg, **overrides):
+  cfg.export_merged = False
+  cfg.validation.update(dict(every=1, at_end=True, prompts=("A red fox, snow!", "second")), **overrides)
+  return cfg
+
+
+def test_validation_samples_and_tensorboard_from_a_tiny_run(tmp_path):
+  """Base tiny run, 2 steps, sampling every step: an mp4 per prompt and step that decodes to 33 frames at 64x64;
+  TensorBoard holds the same metrics as metrics.jsonl."""
+  from helios_jax.io.media import read_video
+  from helios_jax.training.trainer import train
+  cfg = _tiny_validation(_small(base_config.get_config("tiny")))
+  cfg.total_steps = 2
+  out = train(cfg, str(tmp_path), progress=False)
+  assert out["final_step"] == 2
+  for step in (1, 2):
+    folder = tmp_path / "samples" / f"step_{step:06d}"
+    assert sorted(os.listdir(folder)) == ["00_a-red-fox-snow.mp4", "01_second.mp4"]
+    frames = read_video(str(folder / "00_a-red-fox-snow.mp4"))
+    assert frames.shape[:3] == (33, 64, 64)
+  rows = metrics.read_metrics(str(tmp_path))
+  tb = metrics.read_tensorboard(str(tmp_path / "tensorboard"))
+  for key in ("loss", "grad_norm", "lr", "step_time", "tokens_per_s"):
+    assert [s for s, _ in tb[key]] == [r["step"] for r in rows]
+    np.testing.assert_allclose([v for _, v in tb[key]], np.float32([r[key] for r in rows]), rtol=1e-6)
+
+
+def test_validation_failure_warns_and_returns(tmp_path):
+  from helios_jax.training import validation
+  cfg = _tiny_validation(_small(base_config.get_config("tiny")), height=60)  # not a multiple of 8: fails
+  graphdef, frozen = nnx.split(stages.build_model(cfg.model))
+  v = validation.make_validator(cfg, str(tmp_path))
+  with pytest.warns(UserWarning, match="validation sampling at step 3 failed"):
+    assert v.run_safely(3, graphdef, frozen, stages.init_trainable(frozen, cfg.train, 0)) == []
+
+
+def test_validation_config_mistakes(tmp_path):
+  from helios_jax.errors import InputError
+  from helios_jax.training import validation
+  cfg = base_config.get_config("")
+  assert validation.make_validator(cfg, str(tmp_path)) is None  # no VAE configured: off
+  cfg.validation.vae = str(tmp_path / "missing")
+  with pytest.raises(InputError, match="diffusers VAE folder"):
+    validation.make_validator(cfg, str(tmp_path))
+  cfg.validation.vae = validation.RANDOM_TINY_VAE
+  with pytest.raises(InputError, match="needs prompt embeddings"):
+    validation.make_validator(cfg, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_validation_pyramid_pipeline(tmp_path):
+  """Stage-2 validation (pyramid pipeline, CFG-Zero*) on the current adapters, called directly."""
+  from helios_jax.io.media import read_video
+  from helios_jax.training import validation
+  cfg = _tiny_validation(_small(mid_config.get_config("tiny")), prompts=("mid",))
+  graphdef, frozen = nnx.split(stages.build_model(cfg.model))
+  paths = validation.make_validator(cfg, str(tmp_path)).run(7, graphdef, frozen, _random_trainable(frozen, cfg.train))
+  assert paths == [str(tmp_path / "samples" / "step_000007" / "00_mid.mp4")]
+  assert read_video(paths[0]).shape[:3] == (33, 64, 64)
+
+
+@pytest.mark.slow
+def test_train_memory_benchmark_dry_run(tmp_path):
+  """benchmarks/train_memory.py --arch tiny: the 14B benchmark's code path on the CPU, one JSON record."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", OUT=str(tmp_path))
+  subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_memory.py"), "--arch", "tiny",
+                  "--stages", "base", "--steps", "1"], check=True, env=env, cwd=ROOT, timeout=900)
+  recs = [json.loads(line) for line in open(tmp_path / "train_memory.jsonl")]
+  assert len(recs) == 1 and "error" not in recs[0]
+  r = recs[0]
+  assert r["kind"] == "train_memory" and r["stage"] == "base" and r["peak_gib"] is None
+  assert np.isfinite(r["loss"]) and r["step_s"] > 0 and r["settings"]["remat"] == "full"
+  assert r["breakdown_gib"]["step_temp"] is not None

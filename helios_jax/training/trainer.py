@@ -14,7 +14,7 @@ from flax import nnx
 
 from helios_jax.errors import HeliosError, InputError
 from helios_jax.parallel.layout import TrainLayout
-from helios_jax.training import checkpointing, data, lora, metrics, stages, state as state_lib
+from helios_jax.training import checkpointing, data, lora, metrics, stages, state as state_lib, validation
 from helios_jax.training.synthetic import SyntheticClips
 
 
@@ -107,6 +107,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   source = make_source(config)
   step_fn = stages.make_train_step(config, graphdef, tx, schedule, layout=layout, example=(state, frozen))
   writer = metrics.MetricsWriter(workdir)
+  validator = validation.make_validator(config, workdir)  # None unless config.validation.vae is set
   total = int(config.total_steps)
   meta = lambda: dict(seed=int(config.seed), data_position=int(jax.device_get(state["step"])), config=cfg_json)
   losses, stopped, last_saved = [], None, resumed_from
@@ -141,6 +142,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
         bar.set_postfix(loss=f"{loss:.4f}")
         if (step + 1) % int(config.checkpoint.every) == 0:
           last_saved = ckpt.save(state, meta())
+        if validator is not None and validator.due(step + 1, total):  # a failure only warns
+          validator.run_safely(step + 1, graphdef, frozen, state["trainable"])
       last_saved = ckpt.save(state, meta())
   finally:
     prefetch.close()
