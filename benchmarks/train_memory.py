@@ -17,6 +17,11 @@ appended to ``OUT/train_memory.jsonl`` (``$OUT`` if set, else ``benchmarks/resul
     python benchmarks/train_memory.py                       # 14B, both stages, on a GPU
     python benchmarks/train_memory.py --arch tiny --steps 1  # the same code path as a CPU dry run (seconds)
 
+``--abstract`` compiles with shapes only and records ``memory_analysis()`` (no allocation; runs the 14B config on
+a CPU). On the CPU the bf16 numbers are not the GPU's: XLA:CPU converts the stacked bf16 weights to float32 for its
+dots (about 1.3 GiB of temporaries per 14B block, in inference too); ``--dtype float32`` shows the step's own
+per-layer cost there.
+
 The GPU machine has no ml_collections: ``pip install --no-deps .whl/ml_collections-*.whl`` first (PyYAML and
 absl are there).
 """
@@ -24,6 +29,7 @@ absl are there).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -36,7 +42,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -57,6 +62,8 @@ def stage_config(stage: str, arch: str, args):
   cfg.batch_size = args.batch
   cfg.model.remat_policy = args.remat
   cfg.model.attention_implementation = args.attention
+  if args.dtype:
+    cfg.model.dtype = args.dtype
   if arch == "tiny":
     cfg.data.height, cfg.data.width = 8, 8
   else:
@@ -89,6 +96,8 @@ def run_stage(stage: str, args) -> dict:
   dev = jax.devices()[0]
   t0 = time.perf_counter()
   tcfg = stages.transformer_config(cfg.model)
+  if args.layers:
+    tcfg = dataclasses.replace(tcfg, num_layers=args.layers)
   tx, schedule = state_lib.make_optimizer(cfg.optim)
   init_trainable = lambda f: stages.init_trainable(f, cfg.train, int(cfg.seed))
   init_state = lambda t: state_lib.init_train_state(t, tx, int(cfg.seed))
@@ -132,7 +141,7 @@ def run_stage(stage: str, args) -> dict:
              compile_s=round(compile_s, 1), build_s=round(build_s, 1), date=datetime.date.today().isoformat(),
              jax=jax.__version__, loss=loss, tokens_per_step=tokens,
              tokens_per_s=None if not step_s else round(tokens / step_s, 1),
-             settings=dict(arch=args.arch, height=args.height if args.arch == "14b" else None,
+             settings=dict(arch=args.arch, layers=tcfg.num_layers, height=args.height if args.arch == "14b" else None,
                            width=args.width if args.arch == "14b" else None,
                            latents=[cfg.data.height, cfg.data.width], chunk=chunk, history=[16, 2, 1],
                            batch=int(cfg.batch_size), remat=cfg.model.remat_policy, dtype=cfg.model.dtype,
@@ -162,6 +171,8 @@ def main():
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"])
   p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+  p.add_argument("--dtype", default="", choices=["", "bfloat16", "float32"], help="frozen base dtype override")
+  p.add_argument("--layers", type=int, default=0, help="override the number of blocks (0 = the config's)")
   p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
   p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
   p.add_argument("--abstract", action="store_true",

@@ -105,13 +105,12 @@ def prompt_embeddings(v, text_dim: int, text_len: int) -> tuple[list[np.ndarray]
   from helios_jax.models.umt5 import UMT5EncoderModel
   encoder = UMT5EncoderModel.from_pretrained(v.text_encoder, dtype=jnp.dtype(v.text_encoder_dtype))
   tokenizer = load_tokenizer(v.tokenizer or v.text_encoder)
-  encode = lambda texts: [np.asarray(e, np.float32) for e in
-                          encode_prompt(encoder, tokenizer, list(texts), max_sequence_length=int(v.max_sequence_length))]
-  pos = encode(v.prompts)
-  neg = encode([v.negative_prompt] * n) if cfg else None
-  del encoder
-  gc.collect()
-  return pos, neg
+  length = int(v.max_sequence_length)
+  pos = [np.asarray(e, np.float32) for e in encode_prompt(encoder, tokenizer, list(v.prompts), length)]
+  neg = None
+  if cfg:
+    neg = [np.asarray(e, np.float32) for e in encode_prompt(encoder, tokenizer, [v.negative_prompt] * n, length)]
+  return pos, neg  # the encoder is dropped here (the caller collects)
 
 
 class Validator:
@@ -145,6 +144,7 @@ class Validator:
     else:
       self._vae = AutoencoderKLWan.from_pretrained(v.vae, dtype=jnp.dtype(v.vae_dtype))
     self._embeds = prompt_embeddings(v, model_config.text_dim, self._text_len)
+    gc.collect()  # frees UMT5 when it was loaded
 
   def pipeline(self, transformer):
     """The configured pipeline around ``transformer`` with this validator's VAE."""
