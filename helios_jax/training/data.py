@@ -68,10 +68,29 @@ def get_batch(source: Sequence[dict], step: int, batch_size: int, seed: int) -> 
   return {k: np.stack([s[k] for s in items]) for k in items[0]}
 
 
-class Prefetcher:
-  """Builds batches ``start, start+1, ...`` in a background thread (depth ``depth``), in order."""
+def get_pair_batch(source: Sequence[dict], step: int, batch_size: int, seed: int) -> dict:
+  """Stage-3 batch (spec 3.4, GT history): :func:`get_batch`'s primary sample plus a secondary sample ``*_2``
+  (``x0_2``, ``history_2``, ``target_2``) from an independently chosen chunk of the same clip."""
+  out = get_batch(source, step, batch_size, seed)
+  second = []
+  for j in range(batch_size):
+    epoch, idx = sample_index(step * batch_size + j, len(source), seed)
+    lat = np.asarray(source[idx]["latents"])
+    chunk = int(np.random.default_rng(seed + epoch * 1_000_000 + idx + 999_999).integers(lat.shape[0]))
+    second.append(assemble_sample(lat, chunk))
+  for k in ("x0", "history", "target"):
+    out[f"{k}_2"] = np.stack([s[k] for s in second])
+  return out
 
-  def __init__(self, source, start: int, batch_size: int, seed: int, depth: int = 2):
+
+class Prefetcher:
+  """Builds batches ``start, start+1, ...`` in a background thread (depth ``depth``), in order.
+
+  ``batch_fn(source, step, batch_size, seed)`` builds one batch (default :func:`get_batch`).
+  """
+
+  def __init__(self, source, start: int, batch_size: int, seed: int, depth: int = 2, batch_fn=None):
+    batch_fn = get_batch if batch_fn is None else batch_fn
     import queue
     import threading
     self._q: "queue.Queue" = queue.Queue(maxsize=depth)
@@ -81,7 +100,7 @@ class Prefetcher:
       step = start
       while not self._stop.is_set():
         try:
-          item = (step, get_batch(source, step, batch_size, seed))
+          item = (step, batch_fn(source, step, batch_size, seed))
         except Exception as e:  # surfaced to the consumer
           item = (step, e)
         while not self._stop.is_set():

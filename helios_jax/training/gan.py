@@ -49,14 +49,16 @@ def init_head(key: jax.Array, in_channels: int, width: int, groups: int) -> dict
 
 def init_heads(key: jax.Array, *, num_hooks: int, hidden_dim: int, out_channels: int, width: int, groups: int,
                use_hooks: bool = True, use_final: bool = True) -> dict:
-  """``{"hooks": [head per hooked block], "final": head on the velocity or None}``."""
-  k_hooks, k_final = jax.random.split(key)
-  hooks = [init_head(jax.random.fold_in(k_hooks, i), hidden_dim, width, groups)
-           for i in range(num_hooks)] if use_hooks else []
-  final = init_head(k_final, out_channels, width, groups) if use_final else None
-  if not hooks and final is None:
+  """``{"hooks": [head per hooked block], "final": head on the velocity}`` (keys of unused heads left out)."""
+  if not (use_hooks and num_hooks) and not use_final:
     raise InputError("the GAN needs hook heads, a final head, or both")
-  return dict(hooks=hooks, final=final)
+  k_hooks, k_final = jax.random.split(key)
+  heads = {}
+  if use_hooks and num_hooks:
+    heads["hooks"] = [init_head(jax.random.fold_in(k_hooks, i), hidden_dim, width, groups) for i in range(num_hooks)]
+  if use_final:
+    heads["final"] = init_head(k_final, out_channels, width, groups)
+  return heads
 
 
 def _group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int) -> jax.Array:
@@ -86,9 +88,9 @@ def head_logits(heads: dict, velocity: jax.Array, features: Sequence[jax.Array],
   ``grid`` is the target-token grid (t, h, w) of the features.
   """
   logits = []
-  if heads["final"] is not None:
+  if "final" in heads:
     logits.append(apply_head(heads["final"], rearrange(velocity, "b c t h w -> b t h w c"), groups))
-  for head, f in zip(heads["hooks"], features):
+  for head, f in zip(heads.get("hooks", []), features):
     t, h, w = grid
     logits.append(apply_head(head, rearrange(f, "b (t h w) d -> b t h w d", t=t, h=h, w=w), groups))
   return jnp.stack(logits, axis=1)

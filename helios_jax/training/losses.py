@@ -80,14 +80,17 @@ def draw_conditioning(key: jax.Array, batch: dict, cfg) -> dict:
   return d
 
 
-def conditioning(batch: dict, draws: dict, cfg) -> tuple[dict, jax.Array]:
-  """(history inputs, prompt embeddings) after drops and corruption (float32)."""
+def conditioning(batch: dict, draws: dict, cfg, saturate: bool | None = None) -> tuple[dict, jax.Array]:
+  """(history inputs, prompt embeddings) after drops and corruption (float32).
+
+  ``saturate`` overrides ``cfg.add_saturation`` (stage 3 saturates only the generator's copy, spec 7.3).
+  """
   hist20 = jnp.concatenate([batch["x0"], batch["history"]], axis=2).astype(jnp.float32)
   keep = corruption.drop_keep_mask(draws["drop_mode"], draws["drop_v2v_k"])
   hist20 = hist20 * keep[None, None, :, None, None]
   if cfg.corrupt_history:
     hist20 = corruption.apply_corruption(hist20, draws)
-  if cfg.add_saturation:
+  if cfg.add_saturation if saturate is None else saturate:
     hist20 = corruption.saturate(hist20, draws["saturation_key"], cfg.saturation_clean_prob, cfg.saturation_min,
                                  cfg.saturation_max)
   prompt = jnp.where(draws["caption_drop"][:, None, None], 0.0, batch["prompt_embeds"].astype(jnp.float32))
