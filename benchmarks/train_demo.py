@@ -8,7 +8,7 @@ anti-drifting, for the ablation), each stage through the project's own trainers,
 
 Writes to OUT (at most 8 files, each well under 16 MiB, so the GPU tool returns them):
   components.tar.gz          vae/ text_encoder/ tokenizer/ (shared by every pipeline folder)
-  transformer_<name>.tar.gz  the merged transformer of each trained stage (base, mid, base_nocorrupt)
+  transformer_<name>.tar.gz  the merged transformer of each trained stage (base, mid, base_nocorrupt), bfloat16
   train_log.json             losses and timings of every stage (one record per logged step) and the summary
 Each stage has its own budget (seconds); a stage that reaches it saves, stops and exports what it has (the
 record says so), so the command always finishes in time. Latents are encoded once, on the device.
@@ -33,12 +33,17 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "configs"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 ASSETS = os.path.join(ROOT, "helios_jax", "assets", "demo")
 DEFAULT_MODEL = os.path.join(ASSETS, "model")
-# Budgets (seconds) per stage on the GPU; the sum plus start-up stays under the 9-minute command limit.
-BUDGETS = dict(vae=95.0, data=45.0, base=150.0, mid=110.0, base_nocorrupt=0.0)
-QUICK_BUDGETS = dict(vae=0.0, data=0.0, base=0.0, mid=0.0, base_nocorrupt=0.0)  # 0 = no limit
+# Wall-clock budgets (seconds) of the training stages on the GPU; with start-up, data encoding (about 40 s) and the
+# exports they stay under the 9-minute command limit. --total caps the whole run: a transformer stage gets at most
+# what is left of it minus a safety margin (and is skipped when too little is left).
+BUDGETS = dict(vae=95.0, base=150.0, mid=110.0, base_nocorrupt=150.0)
+QUICK_BUDGETS = dict(vae=0.0, base=0.0, mid=0.0, base_nocorrupt=0.0)  # 0 = no limit
+TOTAL_BUDGET = 510.0
+MARGIN = 35.0  # export + tar of a stage after its budget, and the interpreter's exit
 # Sampling defaults written into each folder's model_index.json ("helios_jax_defaults", read by sample.py).
 SAMPLE_DEFAULTS = dict(base=dict(steps=[30], guidance=1.0, dtype="fp32"),
                        mid=dict(steps=[10, 10, 10], guidance=1.0, dtype="fp32"),
@@ -54,22 +59,40 @@ def train_with_budget(config, workdir: str, seconds: float) -> dict:
   """``trainer.train`` with a wall-clock budget: SIGTERM at the deadline makes it save and stop; the run is then
   closed at the step it reached (total_steps lowered, which exports the merged model)."""
   from helios_jax.training.trainer import train
-  timer = None
+  done = threading.Event()
+
+  def alarm():  # SIGTERM once a second from the deadline on: the loop stops at its next step boundary
+    if not done.wait(seconds):
+      while not done.wait(1.0):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+  # Outside the training loop (model build, export) a SIGTERM from the alarm is ignored instead of killing us.
+  previous = signal.signal(signal.SIGTERM, lambda *_: None)
   if seconds > 0:
-    timer = threading.Timer(seconds, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    timer.daemon = True
-    timer.start()
+    threading.Thread(target=alarm, daemon=True).start()
   try:
     out = train(config, workdir, progress=False)
   finally:
-    if timer is not None:
-      timer.cancel()
+    done.set()
+    signal.signal(signal.SIGTERM, previous)
   if out["stopped_by"]:
     _log(f"budget of {seconds:.0f} s reached at step {out['final_step']}; exporting that step")
     requested = int(config.total_steps)
     config.total_steps = int(out["final_step"])
     again = train(config, workdir, progress=False)
     out = dict(out, requested_steps=requested, exported_step=again["final_step"])
+  return out
+
+
+def _bf16_copy(folder: str, workdir: str) -> str:
+  """A bfloat16 copy of a merged transformer folder (half the bundle size; loaders cast to their dtype)."""
+  import ml_dtypes
+  import numpy as np
+  from helios_jax.io.checkpoint import DIFFUSERS_WEIGHTS_NAME, SafetensorsFolder, load_config, save_safetensors_folder
+  out = os.path.join(workdir, "merged_bf16")
+  with SafetensorsFolder(folder, DIFFUSERS_WEIGHTS_NAME) as w:
+    tensors = {k: np.asarray(w.get(k)).astype(ml_dtypes.bfloat16) for k in w.keys()}
+  save_safetensors_folder(out, tensors, load_config(folder))
   return out
 
 
@@ -144,9 +167,9 @@ def run(args) -> dict:
     vae = AutoencoderKLWan.from_pretrained(vae_folder)
     embed = demo.caption_embedder(os.path.join(comp, "text_encoder"), os.path.join(comp, "tokenizer"))
     vcfg = demo_vae.get_config(variant)
-    meta = demo.encode_dataset(data_dir, vae, embed, num_clips=args.clips or (8 if quick else 4096),
+    meta = demo.encode_dataset(data_dir, vae, embed, num_clips=args.clips or (8 if quick else 3072),
                                num_chunks=demo_base.get_config(variant).data.num_chunks, seed=0,
-                               scene_cfg=vae_train.scene_config(vcfg.data), batch=4 if quick else 64,
+                               scene_cfg=vae_train.scene_config(vcfg.data), batch=4 if quick else 16,
                                progress=True)
     log["stages"]["data"] = dict(seconds=time.perf_counter() - t0, meta=meta)
     _log(f"encoded {meta['num_clips']} clips in {time.perf_counter() - t0:.0f} s")
@@ -168,20 +191,65 @@ def run(args) -> dict:
     cfg.data.data_dir = data_dir
     if args.steps:
       cfg.total_steps = args.steps
+    budget = budgets.get(name, 0.0)
+    if args.total > 0:
+      left = args.total - (time.perf_counter() - t_all) - MARGIN
+      if left < 30:
+        _log(f"{name}: skipped, only {left:.0f} s of the total budget left")
+        log["stages"][name] = dict(skipped=True)
+        continue
+      budget = min(budget, left) if budget > 0 else left
     t0 = time.perf_counter()
     wd = os.path.join(work, name)
-    out = train_with_budget(cfg, wd, budgets.get(name, 0.0))
+    out = train_with_budget(cfg, wd, budget)
     merged = os.path.join(wd, "merged")
     trained[name] = merged
-    _tar(os.path.join(args.out, f"transformer_{name}.tar.gz"), {"transformer": merged})
+    _tar(os.path.join(args.out, f"transformer_{name}.tar.gz"), {"transformer": _bf16_copy(merged, wd)})
     log["stages"][name] = dict(seconds=time.perf_counter() - t0, final_step=out["final_step"],
                                requested_steps=out.get("requested_steps", int(cfg.total_steps)),
                                num_trainable=out["num_trainable"], metrics=_metrics(wd))
     _log(f"{name}: {out['final_step']} steps in {time.perf_counter() - t0:.0f} s, "
          f"last loss {out['losses'][-1] if out['losses'] else float('nan'):.4f}")
     save_log()
+  if args.quality:
+    quality(args, comp, trained, log)
   save_log()
   return log
+
+
+QUALITY_STEPS = dict(base="50", base_nocorrupt="50", mid="10,10,10", distilled="1,1,1")
+
+
+def quality(args, comp: str, trained: dict, log: dict) -> None:
+  """Runs benchmarks/demo_quality.py on every model at hand: the ones trained now (assembled from ``comp``), the
+  bundled default and ``runs/demo/*`` from an earlier run. Writes OUT/demo_quality.json and contact sheets."""
+  import demo_quality
+  from helios_jax.io.checkpoint import load_json
+  from helios_jax.training import demo
+  folders = {}
+  for name in ("base", "base_nocorrupt", "mid", "distilled"):
+    for cand in (os.path.join(ROOT, "runs", "demo", name), DEFAULT_MODEL):
+      idx = os.path.join(cand, "model_index.json")
+      if os.path.isfile(idx) and load_json(idx).get("helios_jax_demo", name) == name:
+        folders[name] = cand
+        break
+  scene = log["stages"].get("data", {}).get("meta", {})
+  for name, merged in trained.items():
+    out = os.path.join(args.work, "pipelines", name)
+    defaults = dict(height=scene.get("pixel_height", 128), width=scene.get("pixel_width", 128), num_frames=99,
+                    **SAMPLE_DEFAULTS[name])
+    demo.write_pipeline_folder(out, "base" if name.startswith("base") else name, merged, os.path.join(comp, "vae"),
+                               os.path.join(comp, "text_encoder"), os.path.join(comp, "tokenizer"),
+                               extra={"helios_jax_defaults": defaults, "helios_jax_demo": name})
+    folders[name] = out
+  specs = [f"{n}={p}:{QUALITY_STEPS[n]}" for n, p in folders.items()]
+  _log(f"quality benchmark on {', '.join(folders)}")
+  t0 = time.perf_counter()
+  argv = sum((["--model", sp] for sp in specs), []) + [
+      "--clips", str(args.quality_clips), "--chunks", str(args.quality_chunks),
+      "--out", os.path.join(args.out, "demo_quality.json"), "--save-frames", os.path.join(args.out, "sheets")]
+  demo_quality.main(argv)
+  log["quality_seconds"] = time.perf_counter() - t0
 
 
 def _extract(tar_path: str, dest: str) -> None:
@@ -230,9 +298,15 @@ def main(argv=None) -> int:
   p.add_argument("--reuse", default=DEFAULT_MODEL,
                  help="pipeline folder whose vae/ text_encoder/ tokenizer/ are reused when 'vae' is not a stage")
   p.add_argument("--budget", action="append", metavar="STAGE=SECONDS", help="override a stage's budget")
+  p.add_argument("--total", type=float, help=f"whole-run budget in seconds (default {TOTAL_BUDGET:.0f}; 0 = none; "
+                                             "--quick: none)")
   p.add_argument("--steps", type=int, help="override total_steps of the transformer stages")
   p.add_argument("--vae-steps", type=int, help="override total_steps of the VAE")
   p.add_argument("--clips", type=int, help="number of encoded training clips")
+  p.add_argument("--quality", action="store_true",
+                 help="afterwards run benchmarks/demo_quality.py on the trained, bundled and runs/demo/* models")
+  p.add_argument("--quality-clips", type=int, default=8)
+  p.add_argument("--quality-chunks", type=int, default=10)
   p.add_argument("--assemble", metavar="SRC", help="unpack SRC (a run's --out) into helios_jax/assets/demo")
   p.add_argument("--default", default="", help="with --assemble: which stage becomes the bundled default")
   args = p.parse_args(argv)
@@ -241,6 +315,8 @@ def main(argv=None) -> int:
     return 0
   if not args.out:
     p.error("--out is required")
+  if args.total is None:
+    args.total = 0.0 if args.quick else TOTAL_BUDGET
   log = run(args)
   print(json.dumps({k: v for k, v in log.items() if k != "stages"}, indent=1))
   for name, rec in log["stages"].items():

@@ -127,11 +127,26 @@ def test_text_encoder_export_round_trip(tmp_path):
   np.testing.assert_array_equal(np.asarray(loaded.encode_masked(ids, mask)), np.asarray(ref.encode_masked(ids, mask)))
 
 
+def _numpy_vae(cfg, seed: int):
+  """A VAE with fan-in-scaled NumPy random weights (building through jax.random compiles one program per shape)."""
+  from helios_jax.models.vae import AutoencoderKLWan
+  rng = np.random.default_rng(seed)
+  tensors = {}
+  for key, shape in AutoencoderKLWan.checkpoint_shapes(cfg).items():
+    if key.endswith("gamma"):
+      tensors[key] = np.ones(shape, np.float32)
+    elif len(shape) == 1:
+      tensors[key] = rng.normal(0, 0.01, shape).astype(np.float32)
+    else:
+      tensors[key] = (rng.normal(0, 1, shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+  return AutoencoderKLWan.from_state_dict(cfg, tensors)
+
+
 def test_vae_state_dict_round_trip():
   from helios_jax.models.vae import AutoencoderKLWan, WanVAEConfig
   cfg = WanVAEConfig(base_dim=4, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1, latents_mean=(0.0,) * 4,
                      latents_std=(1.0,) * 4)
-  model = AutoencoderKLWan(cfg, rngs=nnx.Rngs(1))
+  model = _numpy_vae(cfg, 1)
   sd = model.state_dict()
   shapes = AutoencoderKLWan.checkpoint_shapes(cfg)
   assert {k: v.shape for k, v in sd.items()} == shapes
@@ -152,10 +167,9 @@ def _tiny_vae_config():
 
 def test_vae_objective_decreases_on_a_fixed_batch():
   import optax
-  from helios_jax.models.vae import AutoencoderKLWan
   from helios_jax.training import vae_train
   c = _tiny_vae_config()
-  model = AutoencoderKLWan(vae_train.vae_config(c.model), rngs=nnx.Rngs(0))
+  model = _numpy_vae(vae_train.vae_config(c.model), 0)
   graphdef, params = nnx.split(model)
   tx = optax.adam(3e-3)
   opt = tx.init(params)
@@ -180,10 +194,10 @@ def test_vae_objective_decreases_on_a_fixed_batch():
 
 
 def test_encode_dataset_matches_direct_encoding(tmp_path):
-  from helios_jax.models.vae import AutoencoderKLWan, WanVAEConfig
+  from helios_jax.models.vae import WanVAEConfig
   cfg = WanVAEConfig(base_dim=4, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
                      latents_mean=(0.1, -0.2, 0.0, 0.3), latents_std=(0.5, 2.0, 1.0, 1.5))
-  vae = AutoencoderKLWan(cfg, rngs=nnx.Rngs(2))
+  vae = _numpy_vae(cfg, 2)
   embed = lambda caps: np.stack([np.full((3, 2), len(c), np.float32) for c in caps])
   meta = demo.encode_dataset(str(tmp_path), vae, embed, num_clips=3, num_chunks=2, seed=5, scene_cfg=SMALL,
                              batch=2)
@@ -215,7 +229,9 @@ def test_sample_without_model_uses_the_bundled_demo(tmp_path, capsys):
   if not os.path.isfile(os.path.join(sample.DEMO_DIR, "model", "model_index.json")):
     pytest.skip("bundled demo model not present")
   out = tmp_path / "demo.mp4"
-  rc = sample.main(["--mode", "i2v", "--out", str(out), "--num-frames", "33"])
+  sched = json.load(open(os.path.join(sample.DEMO_DIR, "model", "scheduler", "scheduler_config.json")))
+  steps = ["1"] * int(sched.get("stages", 1))  # one step per stage keeps the test short; defaults otherwise
+  rc = sample.main(["--mode", "i2v", "--out", str(out), "--num-frames", "33", "--steps", *steps])
   text = capsys.readouterr()
   assert rc == 0, text.err
   assert "bundled demo model" in text.out and "BestWishYsh/Helios" in text.out
