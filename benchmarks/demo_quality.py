@@ -83,11 +83,17 @@ def per_chunk(records: list[dict], chunks: int, skip_first_frame: bool = True) -
       errs.append(r["err"][lo:hi][:, act].ravel())
       found.append(r["found"][lo:hi][:, act].ravel())
       ps.append(r["psnr"][lo:hi])
-    e = np.concatenate(errs)
-    out["pos_err"].append(float(np.nanmean(e)) if np.isfinite(e).any() else float("nan"))
+    out["pos_err"].append(_nanmean(np.concatenate(errs)))
     out["detect_rate"].append(float(np.concatenate(found).mean()))
     out["psnr"].append(float(np.concatenate(ps).mean()))
   return out
+
+
+def _nanmean(x) -> float:
+  """Mean over the finite entries; NaN (without a warning) when there are none (nothing was detected)."""
+  x = np.asarray(x, np.float64)
+  ok = np.isfinite(x)
+  return float(x[ok].mean()) if ok.any() else float("nan")
 
 
 def slope(values: list[float]) -> float:
@@ -100,7 +106,7 @@ def slope(values: list[float]) -> float:
 
 
 def summarise(curves: dict) -> dict:
-  return dict(pos_err_mean=float(np.nanmean(curves["pos_err"])), pos_err_first=curves["pos_err"][0],
+  return dict(pos_err_mean=_nanmean(curves["pos_err"]), pos_err_first=curves["pos_err"][0],
               pos_err_last=curves["pos_err"][-1], pos_err_slope_per_chunk=slope(curves["pos_err"]),
               psnr_mean=float(np.mean(curves["psnr"])), psnr_first=curves["psnr"][0], psnr_last=curves["psnr"][-1],
               psnr_slope_per_chunk=slope(curves["psnr"]), detect_rate=float(np.mean(curves["detect_rate"])))
@@ -118,8 +124,8 @@ def parse_model(spec: str) -> tuple[str, str, list[int] | None]:
   return name, rest, steps
 
 
-def run_model(path: str, steps, clips: list, chunks: int, seed: int) -> tuple[list[np.ndarray], float]:
-  """Generates the I2V continuation of every clip; returns frames per clip (F, H, W, 3) and seconds per clip."""
+def run_model(path: str, steps, clips: list, chunks: int, seed: int) -> tuple[list[np.ndarray], float, list[int]]:
+  """Generates the I2V continuation of every clip: (frames per clip (F, H, W, 3), median seconds per clip, steps)."""
   import jax.numpy as jnp
   from PIL import Image
   from helios_jax.io.checkpoint import load_json
@@ -181,7 +187,7 @@ def main(argv=None) -> int:
   results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  clips=args.clips, chunks=args.chunks, held_out_seed=HELD_OUT_SEED, sampling_seed=args.seed,
                  resolution=[cfg.height, cfg.width],
-                 locator_check=dict(pos_err_mean=float(np.nanmean(check_curves["pos_err"])),
+                 locator_check=dict(pos_err_mean=_nanmean(check_curves["pos_err"]),
                                     detect_rate=float(np.mean(check_curves["detect_rate"]))),
                  models={})
   import jax

@@ -40,7 +40,7 @@ DEFAULT_MODEL = os.path.join(ASSETS, "model")
 # Wall-clock budgets (seconds) of the training stages on the GPU; with start-up, data encoding (about 40 s) and the
 # exports they stay under the 9-minute command limit. --total caps the whole run: a transformer stage gets at most
 # what is left of it minus a safety margin (and is skipped when too little is left).
-BUDGETS = dict(vae=95.0, base=150.0, mid=110.0, base_nocorrupt=150.0)
+BUDGETS = dict(vae=120.0, base=140.0, mid=100.0, base_nocorrupt=140.0)
 QUICK_BUDGETS = dict(vae=0.0, base=0.0, mid=0.0, base_nocorrupt=0.0)  # 0 = no limit
 TOTAL_BUDGET = 510.0
 MARGIN = 35.0  # export + tar of a stage after its budget, and the interpreter's exit

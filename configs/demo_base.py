@@ -39,6 +39,9 @@ def demo_settings(c: ml_collections.ConfigDict, arg: str) -> None:
   c.optim.warmup_steps = 200
   c.optim.weight_decay = 0.01
   c.objective.caption_dropout_p = 0.1  # lets the demo model also run with classifier-free guidance
+  # The demo's headline is I2V: show the I2V history pattern (anchor + one recent frame) in training too
+  # (released configs: 0.0; the maintainers' correct.yaml: 0.1).
+  c.objective.random_drop_i2v = 0.2
   c.data.source = "demo"
   c.data.data_dir = ""  # the encoded scene folder (set on the command line or by benchmarks/train_demo.py)
   c.data.num_chunks = 4

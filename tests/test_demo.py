@@ -252,3 +252,25 @@ def test_train_demo_quick_chain(tmp_path):
   assert {"vae", "data", "base", "mid"} <= set(log["stages"])
   assert sorted(os.listdir(out)) == ["components.tar.gz", "train_log.json", "transformer_base.tar.gz",
                                      "transformer_mid.tar.gz"]
+
+
+def test_quality_metrics_measure_a_known_shift():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import demo_quality
+  cfg = SMALL
+  p, _ = scenes.sample_scene(2, 0, cfg)
+  frames = np.arange(2 * demo_quality.WINDOW)
+  truth = np.asarray(scenes.render(scenes.stack_params([p]), frames, cfg))[0]
+  pos = scenes.object_positions(p, frames, cfg)
+  same = demo_quality.clip_metrics(truth, truth, p, pos, 0.25)
+  shifted = demo_quality.clip_metrics(np.roll(truth, 3, axis=2), truth, p, pos, 0.25)
+  act = p["active"].astype(bool)
+  # rolling by 3 columns moves every located centroid by 3 px, except where an object wraps around the border
+  d = shifted["err"][:, act] - same["err"][:, act]
+  assert np.nanmedian(shifted["err"][:, act]) == pytest.approx(3.0, abs=0.8)
+  assert np.isfinite(d).mean() > 0.9
+  expect = 10 * np.log10(1 / np.mean((np.roll(truth, 3, axis=2) - truth) ** 2, axis=(1, 2, 3)))
+  np.testing.assert_allclose(shifted["psnr"], expect, rtol=1e-6)
+  curves = demo_quality.per_chunk([shifted], 2)
+  assert len(curves["pos_err"]) == 2 and curves["detect_rate"][0] > 0.9
+  assert demo_quality.slope([1.0, 3.0, 5.0]) == pytest.approx(2.0)
