@@ -23,8 +23,10 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from helios_jax.errors import HeliosError
+  from helios_jax.parallel.distributed import initialize_from_env
   from helios_jax.training.trainer import train
   try:
+    initialize_from_env()  # multi-host runs only (docs/scaling.md); before JAX touches a device
     out = train(flags.FLAGS.config, flags.FLAGS.workdir, progress=flags.FLAGS.progress)
   except HeliosError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -115,7 +115,7 @@ def case_checkpoint(workdir: str) -> None:
                        if jnp.issubdtype(x.dtype, jnp.floating) else x, state)  # no all-zero moments
   state["step"] = jnp.asarray(5, jnp.int32)
   host = jax.device_get(state)
-  previous = host
+  previous, previous_mesh = host, None
   for i, mesh in enumerate((dict(data=2, fsdp=4), dict(data=1, fsdp=8), dict())):
     layout = layout_for(**mesh)
     template = layout.place(jax.tree.map(np.zeros_like, host))

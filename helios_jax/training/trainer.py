@@ -106,13 +106,15 @@ def train(config, workdir: str, progress: bool = True) -> dict:
 
   source = make_source(config)
   step_fn = stages.make_train_step(config, graphdef, tx, schedule, layout=layout, example=(state, frozen))
-  writer = metrics.MetricsWriter(workdir)
+  primary = jax.process_index() == 0  # multi-host: process 0 logs; the others keep their own metrics file
+  writer = metrics.MetricsWriter(workdir if primary else os.path.join(workdir, f"process_{jax.process_index()}"))
   validator = validation.make_validator(config, workdir)  # None unless config.validation.vae is set
   total = int(config.total_steps)
   meta = lambda: dict(seed=int(config.seed), data_position=int(jax.device_get(state["step"])), config=cfg_json)
   losses, stopped, last_saved = [], None, resumed_from
   from tqdm.auto import tqdm
-  bar = tqdm(total=total, initial=start, disable=not progress, desc=f"train {config.stage}", dynamic_ncols=True)
+  bar = tqdm(total=total, initial=start, disable=not (progress and primary), desc=f"train {config.stage}",
+             dynamic_ncols=True)
   prefetch = data.Prefetcher(source, start, int(config.batch_size), int(config.data.seed))
   tokens = None
   try:

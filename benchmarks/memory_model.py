@@ -1,0 +1,163 @@
+"""Memory model: per-device memory of the stage-1/2 train steps at 1, 2, 4, 8 devices (docs/scaling.md).
+
+A benchmark, not a test. For each stage and device count ``n`` it builds the mesh (``fsdp = n`` by default;
+``--axis sequence`` puts the devices on the token axis instead, ``--axis data`` replicates), takes the stage's
+config (``configs/base.py`` / ``configs/mid.py``: LoRA, optimiser, per-block remat, bf16 frozen base), describes
+every input as a ``jax.ShapeDtypeStruct`` carrying its ``NamedSharding`` (frozen base, train state, batch), lowers
+and compiles the very step ``train.py`` runs (``stages.make_train_step`` with a ``TrainLayout``) and reads
+``compiled.memory_analysis()``. Nothing is allocated, so the 14B config runs on a CPU with simulated devices
+(``--xla_force_host_platform_device_count``, set here before JAX starts).
+
+Per device it reports: frozen weights, train state (trainables + AdamW moments), batch, the step's temporaries
+(activations, gradients, collectives' buffers: XLA's ``temp``), and the total = arguments + temporaries +
+non-aliased outputs (the state is donated, so its outputs alias its inputs).
+
+Backend caveat: on XLA:CPU the stacked bf16 weights are converted to float32 for the dots, which inflates the
+temporaries of the bf16 configs (see benchmarks/train_memory.py); the argument columns are exact on any backend.
+
+    python benchmarks/memory_model.py                          # 14B, stages base + mid, 1/2/4/8 devices, CPU
+    python benchmarks/memory_model.py --arch tiny --devices 1 2 # seconds; the same code path
+
+One JSON line per (stage, devices) is appended to ``OUT/memory_model.jsonl`` (``$OUT`` if set, else
+``benchmarks/results``); a markdown table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("base", "mid")
+GIB = 2 ** 30
+
+
+def parse_args():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--arch", default="14b", choices=["14b", "tiny"])
+  p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+  p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+  p.add_argument("--axis", default="fsdp", choices=["fsdp", "sequence", "data"],
+                 help="the mesh axis the devices go on (fsdp: ZeRO-3 style; sequence: Ulysses; data: replicas)")
+  p.add_argument("--per-device-batch", type=int, default=1,
+                 help="samples per data-parallel rank (global batch = this x data x fsdp)")
+  p.add_argument("--height", type=int, default=384, help="video height in pixels (latents = height / 8)")
+  p.add_argument("--width", type=int, default=640)
+  p.add_argument("--remat", default="", help="override model.remat_policy (default: the config's)")
+  p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
+  return p.parse_args()
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={max(ARGS.devices)}").strip()
+
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from helios_jax.models.transformer import HeliosTransformer3DModel  # noqa: E402
+from helios_jax.parallel import mesh as mesh_lib  # noqa: E402
+from helios_jax.parallel.layout import TrainLayout  # noqa: E402
+from helios_jax.training import stages, state as state_lib  # noqa: E402
+from helios_jax.training.data import HISTORY_FRAMES  # noqa: E402
+
+CHUNK = 9  # latent frames per chunk (33 video frames)
+
+
+def stage_config(stage: str, args, n: int):
+  import base as base_config
+  import mid as mid_config
+  cfg = (base_config if stage == "base" else mid_config).get_config("tiny" if args.arch == "tiny" else "")
+  cfg.mesh[args.axis] = n
+  cfg.batch_size = args.per_device_batch * cfg.mesh.data * cfg.mesh.fsdp
+  if args.remat:
+    cfg.model.remat_policy = args.remat
+  if args.arch == "14b":
+    cfg.data.height, cfg.data.width = args.height // 8, args.width // 8  # Wan VAE: 8x spatial compression
+  return cfg
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes one device holds of an abstract tree with shardings (the first device's shard)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    total += int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def analyse(stage: str, n: int, args) -> dict:
+  cfg = stage_config(stage, args, n)
+  layout = TrainLayout(mesh_lib.make_mesh(mesh_lib.mesh_shape(cfg.mesh)), int(cfg.mesh.fsdp_min_size))
+  tcfg = stages.transformer_config(cfg.model)
+  graphdef, frozen = nnx.split(HeliosTransformer3DModel.abstract(tcfg))
+  tx, schedule = state_lib.make_optimizer(cfg.optim)
+  seed = int(cfg.seed)
+  state = jax.eval_shape(lambda f: state_lib.init_train_state(stages.init_trainable(f, cfg.train, seed), tx, seed),
+                         frozen)
+  d, b = cfg.data, int(cfg.batch_size)
+  shapes = dict(x0=(b, d.channels, 1, d.height, d.width), history=(b, d.channels, HISTORY_FRAMES, d.height, d.width),
+                target=(b, d.channels, CHUNK, d.height, d.width), prompt_embeds=(b, d.text_len, d.text_dim))
+  batch = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=layout.batch_sharding(b)) for k, s in shapes.items()}
+  frozen_in = mesh_lib.abstract(frozen, layout.shardings(frozen))
+  state_in = mesh_lib.abstract(state, layout.shardings(state))
+  step = stages.make_train_step(cfg, graphdef, tx, schedule, layout=layout, example=(state, frozen))
+  t0 = time.perf_counter()
+  with jax.set_mesh(layout.mesh):
+    compiled = step.jitted.lower(state_in, frozen_in, batch).compile()
+  compile_s = time.perf_counter() - t0
+  ma = compiled.memory_analysis()
+  get = lambda k: int(getattr(ma, f"{k}_size_in_bytes", 0) or 0)
+  arg, out, alias, temp = get("argument"), get("output"), get("alias"), get("temp")
+  gib = lambda v: round(v / GIB, 2)
+  rec = dict(kind="memory_model", stage=stage, devices=n, mesh=mesh_lib.format_mesh(layout.mesh),
+             backend=jax.default_backend(), jax=jax.__version__, date=datetime.date.today().isoformat(),
+             arch=args.arch, global_batch=b, latents=[d.height, d.width], chunk=CHUNK,
+             remat=cfg.model.remat_policy, dtype=cfg.model.dtype, train_mode=cfg.train.mode,
+             lora_rank=int(cfg.train.lora_rank), compile_s=round(compile_s, 1),
+             per_device_gib=dict(frozen=gib(per_device_bytes(frozen_in)), state=gib(per_device_bytes(state_in)),
+                                 batch=gib(per_device_bytes(batch)), arguments=gib(arg), temp=gib(temp),
+                                 outputs_not_aliased=gib(max(out - alias, 0)),
+                                 total=gib(arg + temp + max(out - alias, 0))))
+  return rec
+
+
+def table(records: list[dict]) -> str:
+  lines = ["| stage | devices (mesh) | global batch | frozen | train state | step temporaries | total per device |",
+           "|---|---|---|---|---|---|---|"]
+  for r in records:
+    g = r["per_device_gib"]
+    lines.append(f"| {r['stage']} | {r['devices']} ({r['mesh']}) | {r['global_batch']} | {g['frozen']} | "
+                 f"{g['state']} | {g['temp']} | **{g['total']}** |")
+  return "\n".join(lines)
+
+
+def main():
+  args = ARGS
+  os.makedirs(args.out, exist_ok=True)
+  print(f"backend {jax.default_backend()}, {len(jax.devices())} devices, jax {jax.__version__}", flush=True)
+  records = []
+  for stage in args.stages:
+    for n in args.devices:
+      rec = analyse(stage, n, args)
+      print(json.dumps(rec), flush=True)
+      with open(os.path.join(args.out, "memory_model.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+      records.append(rec)
+  print(f"\nGiB per device ({args.arch}, {records[0]['dtype']} frozen base, LoRA, remat {records[0]['remat']}, "
+        f"{args.per_device_batch} sample(s) per data-parallel rank, backend {jax.default_backend()}):\n")
+  print(table(records))
+
+
+if __name__ == "__main__":
+  main()
