@@ -1,0 +1,53 @@
+"""Stage 3 phase 5 (``stage_3_ode``): ODE-pair generation from the teacher, then ODE regression (training-spec 7.4).
+
+``model.pretrained`` is Helios-Mid's transformer: it is both the teacher that writes the ODE pairs (adapters off,
+CFG 5, Euler over the 20-step grid with the student's timesteps inserted) and the frozen base of the student LoRA.
+Pairs go to ``ode.data_dir`` (one .npz per prompt, prompts taken from ``config.data``); existing files are reused,
+so a second run (or a resumed one) trains straight away. The merged result (EMA LoRA fused) is the generator base
+of configs/ahd.py. ``:tiny`` runs on a CPU on synthetic latents.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ahd  # noqa: E402
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  c = ahd.get_config("")
+  c.stage = "ode"
+  c.seed = 47
+  c.optim.max_grad_norm = 10.0  # the YAML's value (phase 5 ran without the DeepSpeed engines of phase 6)
+  c.ema.start_step = 250
+  c.checkpoint.every = 250
+
+  o = c.ode = ml_collections.ConfigDict()
+  o.data_dir = ""  # folder of pair_*.npz (generated if fewer than num_prompts are there)
+  o.num_prompts = 64
+  o.num_sections = 5  # chunks per prompt (165 frames)
+  o.sections_per_step = 3  # ode_num_latent_sections_min = max
+  o.regression_weight = 80.0
+  o.teacher_steps = 20  # per pyramid stage
+  o.teacher_guidance = 5.0
+  o.seed = 42  # the reference seeds every prompt with 42
+
+  if arg in ("", "post"):
+    pass
+  elif arg == "tiny":
+    ahd.make_tiny(c)
+    c.gan.enabled = False
+    c.total_steps = 12
+    c.checkpoint.every = 6
+    c.ema.start_step = 2
+    o.num_prompts = 2
+    o.num_sections = 3
+    o.sections_per_step = 2
+    o.teacher_steps = 3
+  else:
+    raise ValueError(f"unknown config variant {arg!r} (use '' or 'tiny')")
+  return c

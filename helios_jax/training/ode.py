@@ -1,0 +1,278 @@
+"""Stage 3 phase 5: ODE-pair data from the teacher and ODE regression of the few-step student (training-spec 7.4).
+
+Data. For each prompt the teacher (the frozen base itself: Helios-Mid, LoRA off) generates ``num_sections``
+chunks autoregressively (its own outputs form the history) with the pyramid sampler: per stage an Euler flow
+integration with CFG over the union of a ``teacher_steps``-step grid and the student's timesteps (the
+:func:`helios_jax.training.ahd.rollout_schedule` of the distilled sampler, amplified for the first chunk), so the
+latent at every student timestep is recorded exactly; the stage end point is the last entry. Stages are joined
+with the student's own upsample + block-noise renoise. (The reference uses UniPC with the student timesteps
+inserted; a multistep solver's state makes "record at inserted points" awkward, Euler on the same grid does not.)
+
+Format: one ``.npz`` per prompt (``pair_00000.npz``): ``prompt_embeds`` (S, D) and per section k and stage i
+``s{k}_p{i}_latents`` (n+1, C, T, h_i, w_i), ``s{k}_p{i}_timesteps`` (n,), ``s{k}_p{i}_sigmas`` (n,). Not tfds:
+the shapes are ragged (4 vs 2 steps, three resolutions per section) and generation runs on the GPU machine, which
+has no tensorflow-datasets; a folder of npz files needs nothing but NumPy and is written atomically per prompt.
+
+Training (spec 7.4): per step pick ``sections_per_step`` sorted sections; for each and each stage a random
+recorded latent z_j at t_j; loss ``weight * mean_terms 0.5 mean((z_j - s_j G(z_j, t_j) - end)^2)`` with the history
+built from the teacher's final chunks (anchor = first latent of chunk 0). No corruption, no drops.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from helios_jax.errors import InputError
+from helios_jax.pipelines.history import downsample_2x, upsample_nearest_2x
+from helios_jax.schedulers.dmd import HeliosDMDScheduler
+from helios_jax.schedulers.helios import calculate_shift
+from helios_jax.training import ahd, checkpointing, data, ema as ema_lib, loop, lora, losses, metrics, stages
+from helios_jax.training import state as state_lib
+
+HISTORY = data.HISTORY_FRAMES
+
+
+def teacher_grid(student_sigmas: np.ndarray, teacher_steps: int, stage: int, seq_len: int, n_stages: int) -> tuple:
+  """(sigmas (m+1,) descending ending at 0, indices of the student's sigmas in it) for one pyramid stage."""
+  sched = HeliosDMDScheduler.from_config(dict(stages=n_stages, use_dynamic_shifting=True, time_shift_type="linear"))
+  tab = sched.set_timesteps(teacher_steps, stage_index=stage, mu=calculate_shift(seq_len))
+  grid = np.sort(np.concatenate([np.asarray(tab.sigmas, np.float64), student_sigmas.astype(np.float64), [0.0]]))[::-1]
+  grid = grid[np.concatenate([[True], np.diff(grid) < -1e-5])]  # merge points closer than float32 rounding
+  where = np.array([int(np.argmin(np.abs(grid - s))) for s in student_sigmas])
+  return grid.astype(np.float32), where
+
+
+def stage_timestep(sigma, stage: int, n_stages: int):
+  """Network timestep of a local (shifted) sigma in pyramid stage ``stage``: ``t_min + s (t_max - t_min)``."""
+  ts = np.asarray(HeliosDMDScheduler.from_config(dict(stages=n_stages)).geometry.timesteps_per_stage[stage], np.float64)
+  t_max, t_min = ts[0], ts[-1] - (ts[0] - ts[1])  # the table is linspace(t_max, t_min, 1001)[:-1]
+  return t_min + sigma * (t_max - t_min)
+
+
+def generate_pairs(forward, prompt_embeds: np.ndarray, negative: np.ndarray, shape: tuple, cfg, key) -> dict:
+  """One prompt's ODE record (see module doc). ``shape`` = (C, T, H, W) of one chunk; eager host loop over
+  sections and stages, one jitted Euler integration per stage."""
+  o = cfg.ode
+  n_stages = int(cfg.objective.pyramid_stages)
+  c, t, h, w = shape
+  out = {"prompt_embeds": np.asarray(prompt_embeds, np.float32)}
+  prompt = jnp.asarray(prompt_embeds, jnp.float32)[None]
+  neg = jnp.asarray(negative, jnp.float32)[None]
+  indices = {k: jnp.asarray(v) for k, v in losses.history_indices(t).items()}
+  hist20 = jnp.zeros((1, c, 1 + HISTORY, h, w), jnp.float32)
+  for k in range(int(o.num_sections)):
+    sched = ahd.rollout_schedule(tuple(cfg.dmd.rollout_steps), (h, w), t, amplify=k == 0,
+                                 gamma=float(cfg.objective.pyramid_gamma))
+    key, k_roll = jax.random.split(key)
+    draws = ahd.draw_rollout(k_roll, (1, c, t, h, w), sched)
+    cond = dict(history=losses.split_history(hist20), prompt=prompt, negative=neg, indices=indices)
+    z = draws["noise"]
+    for _ in range(n_stages - 1):
+      z = downsample_2x(z)
+    for i in range(n_stages):
+      if i > 0:
+        z = sched.alpha[i] * upsample_nearest_2x(z) + sched.beta[i] * draws["block_noise"][i - 1]
+      f = 2 ** (n_stages - 1 - i)
+      grid, where = teacher_grid(sched.step_sigma[i], int(o.teacher_steps), i, t * (h // f) * (w // f) // 4, n_stages)
+      ts = stage_timestep(grid[:-1].astype(np.float64), i, n_stages)
+      ts[where] = sched.timesteps[i]  # the student's exact timesteps at its own points
+      ts = ts.astype(np.float32)
+      traj = _euler(forward, z, jnp.asarray(grid), jnp.asarray(ts), cond, float(o.teacher_guidance))
+      traj = np.asarray(traj)
+      out[f"s{k}_p{i}_latents"] = np.concatenate([traj[where], traj[-1:]], axis=0)[:, 0]
+      out[f"s{k}_p{i}_timesteps"] = np.asarray(sched.timesteps[i], np.float32)
+      out[f"s{k}_p{i}_sigmas"] = np.asarray(sched.step_sigma[i], np.float32)
+      z = jnp.asarray(traj[-1])
+    final = z
+    if k == 0:
+      hist20 = hist20.at[:, :, :1].set(final[:, :, :1])
+    buf = jnp.concatenate([hist20[:, :, 1:], final], axis=2)[:, :, -HISTORY:]
+    hist20 = jnp.concatenate([hist20[:, :, :1], buf], axis=2)
+  return out
+
+
+@jax.jit
+def _euler_jit(graph_and_state, z, grid, ts, cond, guidance):
+  graphdef, state = graph_and_state
+  forward = nnx.merge(graphdef, state).forward
+
+  def body(zz, xs):
+    s, s_next, t = xs
+    v_c = ahd.call_model(forward, zz, t, cond).astype(jnp.float32)
+    v_u = ahd.call_model(forward, zz, t, cond, prompt_key="negative").astype(jnp.float32)
+    v = v_u + guidance * (v_c - v_u)
+    nz = zz + (s_next - s) * v
+    return nz, nz
+
+  _, traj = jax.lax.scan(body, z, (grid[:-1], grid[1:], ts))
+  return jnp.concatenate([z[None], traj], axis=0)
+
+
+def _euler(model_parts, z, grid, ts, cond, guidance):
+  """(m+1, B, C, T, h, w) latents before every step and the final one."""
+  return _euler_jit(model_parts, z, grid, ts, cond, jnp.float32(guidance))
+
+
+def write_pairs(folder: str, index: int, record: dict) -> str:
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, f"pair_{index:05d}.npz")
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **record)
+  os.replace(tmp, path)
+  return path
+
+
+def list_pairs(folder: str) -> list[str]:
+  return sorted(glob.glob(os.path.join(folder, "pair_*.npz")))
+
+
+def ensure_pairs(config, graphdef, frozen, negative: np.ndarray) -> list[str]:
+  """The ODE-pair files of ``config.ode.data_dir``; missing ones (up to ``ode.num_prompts``) are generated from the
+  prompts of ``config.data`` with the frozen base as teacher (resumable: existing files are kept)."""
+  from helios_jax.training.trainer import make_source
+  o = config.ode
+  folder = o.data_dir
+  if not folder:
+    raise InputError("ode.data_dir is empty: set a folder for the ODE pairs")
+  have = list_pairs(folder)
+  need = int(o.num_prompts)
+  if len(have) >= need:
+    return have
+  source = make_source(config)
+  d = config.data
+  shape = (int(d.channels), 9, int(d.height), int(d.width))
+  for i in range(need):
+    path = os.path.join(folder, f"pair_{i:05d}.npz")
+    if os.path.exists(path):
+      continue
+    prompt = np.asarray(source[i % len(source)]["prompt_embeds"], np.float32)
+    rec = generate_pairs((graphdef, frozen), prompt, negative, shape, config, jax.random.key(int(o.seed)))
+    write_pairs(folder, i, rec)
+  return list_pairs(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ODE regression
+
+def ode_batch(files: list[str], step: int, cfg) -> dict:
+  """Host-side draw for step ``step`` (pure function of the files, seed and step): the selected sections' stage
+  latents, timesteps, sigmas, end points and histories, all with a leading batch axis of 1."""
+  o = cfg.ode
+  epoch, idx = data.sample_index(step, len(files), int(cfg.data.seed))
+  rec = np.load(files[idx])
+  n_sec = int(o.num_sections)
+  n_stages = int(cfg.objective.pyramid_stages)
+  rng = np.random.default_rng([int(cfg.seed), int(step)])
+  chosen = sorted(rng.choice(n_sec, size=int(o.sections_per_step), replace=False).tolist())
+  finals = [rec[f"s{k}_p{n_stages - 1}_latents"][-1] for k in range(n_sec)]
+  c, t, h, w = finals[0].shape
+  hist20 = np.zeros((c, 1 + HISTORY, h, w), np.float32)
+  out = {"prompt_embeds": rec["prompt_embeds"][None]}
+  for k in range(n_sec):
+    if k in chosen:
+      n = chosen.index(k)
+      out[f"hist{n}"] = hist20[None].copy()
+      for i in range(n_stages):
+        lat = rec[f"s{k}_p{i}_latents"]
+        j = int(rng.integers(lat.shape[0] - 1))
+        out[f"z{n}_{i}"] = lat[j][None]
+        out[f"end{n}_{i}"] = lat[-1][None]
+        out[f"t{n}_{i}"] = rec[f"s{k}_p{i}_timesteps"][j:j + 1]
+        out[f"s{n}_{i}"] = rec[f"s{k}_p{i}_sigmas"][j:j + 1]
+    if k == 0:
+      hist20[:, :1] = finals[0][:, :1]
+    hist20[:, 1:] = np.concatenate([hist20[:, 1:], finals[k]], axis=1)[:, -HISTORY:]
+  return out
+
+
+def ode_loss(forward, batch: dict, cfg) -> jax.Array:
+  """``weight * mean over (section, stage) of 0.5 mean((x0_hat - end)^2)`` (spec 7.4)."""
+  n_stages = int(cfg.objective.pyramid_stages)
+  t = batch["z0_0"].shape[2]
+  indices = {k: jnp.asarray(v) for k, v in losses.history_indices(t).items()}
+  terms = []
+  for n in range(int(cfg.ode.sections_per_step)):
+    cond = dict(history=losses.split_history(batch[f"hist{n}"]), prompt=batch["prompt_embeds"], indices=indices)
+    for i in range(n_stages):
+      z, s = batch[f"z{n}_{i}"], batch[f"s{n}_{i}"]
+      v = ahd.call_model(forward, z, batch[f"t{n}_{i}"], cond)
+      x0 = z - s[:, None, None, None, None] * v.astype(jnp.float32)
+      terms.append(0.5 * jnp.mean(jnp.square(x0 - batch[f"end{n}_{i}"])))
+  return float(cfg.ode.regression_weight) * sum(terms) / len(terms)
+
+
+def train(config, workdir: str, progress: bool = True) -> dict:
+  """Phase 5: generates missing ODE pairs, then ODE-regresses the student (LoRA on the same frozen base)."""
+  from helios_jax.training.ahd_trainer import negative_embeds
+  from helios_jax.training.trainer import config_json, export_merged
+  os.makedirs(workdir, exist_ok=True)
+  cfg_json = config_json(config)
+  model = stages.build_model(config.model)
+  graphdef, frozen = nnx.split(model)
+  files = ensure_pairs(config, graphdef, frozen, negative_embeds(config))
+  tx, schedule = state_lib.make_optimizer(config.optim)
+  state = state_lib.init_train_state(stages.init_trainable(frozen, config.train, int(config.seed)), tx,
+                                     int(config.seed))
+  if config.ema.enabled:
+    state["ema"] = jax.tree.map(jnp.copy, state["trainable"])
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.keep)
+  resumed_from = ckpt.latest_step()
+  if resumed_from is not None:
+    state, meta = ckpt.restore(state)
+    checkpointing.check_config_compatible(meta.get("config", {}), cfg_json)
+  start = int(jax.device_get(state["step"]))
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(cfg_json, f, indent=2)
+  scale = stages.lora_scale(config.train)
+  e = config.ema
+
+  def step_fn(st, frozen_, batch):
+    def loss_fn(tr):
+      return ode_loss(lora.bind(graphdef, frozen_, tr, scale), batch, config)
+    loss, grads = jax.value_and_grad(loss_fn)(st["trainable"])
+    updates, opt_state = tx.update(grads, st["opt_state"], st["trainable"])
+    new = dict(st, step=st["step"] + 1, trainable=optax.apply_updates(st["trainable"], updates), opt_state=opt_state)
+    if "ema" in st:
+      new["ema"] = ema_lib.ema_update(st["ema"], new["trainable"], st["step"] + 1, int(e.start_step), float(e.decay))
+    return new, dict(ode_loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(st["step"]))
+
+  step_jit = jax.jit(step_fn, donate_argnums=(0,))
+  writer = metrics.MetricsWriter(workdir)
+  holder = dict(state=state, next=start)
+
+  def next_batch():
+    b = ode_batch(files, holder["next"], config)
+    holder["next"] += 1
+    return b
+
+  def do_step(step, batch):
+    new, m = step_jit(holder["state"], frozen, batch)
+    return m, lambda: holder.__setitem__("state", new)
+
+  def save():
+    s = holder["state"]
+    return ckpt.save(s, dict(seed=int(config.seed), data_position=int(jax.device_get(s["step"])), config=cfg_json))
+
+  try:
+    losses_, stopped, _ = loop.run(start=start, total=int(config.total_steps), next_batch=next_batch, do_step=do_step,
+                                   save=save, writer=writer, log_every=int(config.log_every),
+                                   checkpoint_every=int(config.checkpoint.every), checkpoint_dir=ckpt.directory,
+                                   last_saved=resumed_from, progress=progress, desc="train ode", loss_key="ode_loss")
+  finally:
+    writer.close()
+    ckpt.close()
+  state = holder["state"]
+  final_step = int(jax.device_get(state["step"]))
+  if config.export_merged and stopped is None and final_step >= int(config.total_steps):
+    export_merged(os.path.join(workdir, "merged"), graphdef, frozen, state.get("ema", state["trainable"]),
+                  config.train)
+  return dict(start_step=start, final_step=final_step, losses=losses_, stopped_by=stopped,
+              resumed_from=resumed_from, num_trainable=lora.count(state["trainable"]), num_pairs=len(files))
