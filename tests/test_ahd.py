@@ -9,7 +9,6 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "helios_jax_test_ahd_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -157,3 +156,187 @@ def test_ema_decay_ramp_and_update():
   np.testing.assert_allclose(np.asarray(out["b"][0]), 0 - (1 - d) * (0 + 1), rtol=1e-6)
   copied = ema.ema_update(e, p, 3, start, top)  # before the start step: a pure copy
   np.testing.assert_array_equal(np.asarray(copied["a"]), 3.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The AHD step on the tiny model
+
+import ahd as ahd_config  # noqa: E402
+import ode as ode_config  # noqa: E402
+
+from helios_jax.training import ahd, ahd_trainer, metrics, offload, state as state_lib  # noqa: E402
+from helios_jax.training.data import get_pair_batch  # noqa: E402
+from helios_jax.training.synthetic import SyntheticClips  # noqa: E402
+
+
+def tiny_ahd(gan_on=True):
+  c = ahd_config.get_config("tiny_gan" if gan_on else "tiny")
+  c.dmd.amplify_first_chunk = False  # one rollout schedule: half the compilations
+  return c
+
+
+def _setup(c):
+  graphdef, trunks = ahd_trainer.build_trunks(c)
+  roles = ahd_trainer.make_roles(c, graphdef)
+  tx_g, _ = state_lib.make_optimizer(c.optim)
+  tx_c, _ = state_lib.make_optimizer(c.critic_optim)
+  from flax import nnx
+  mcfg = nnx.merge(graphdef, trunks.gen).config
+  st = ahd_trainer.init_state(c, trunks, mcfg, tx_g, tx_c)
+  # non-zero LoRA B so that generator, critic and teacher differ
+  perturb = lambda tr, k: jax.tree.map(lambda x: x + 0.05 * jax.random.normal(k, x.shape), tr)
+  st["gen"]["trainable"] = perturb(st["gen"]["trainable"], jax.random.key(11))
+  st["critic"]["trainable"] = perturb(st["critic"]["trainable"], jax.random.key(12))
+  d = c.data
+  src = SyntheticClips(num_clips=4, num_chunks=d.num_chunks, channels=d.channels, height=d.height, width=d.width,
+                       text_len=d.text_len, text_dim=d.text_dim, seed=0)
+  batch = get_pair_batch(src, 3, 1, 0)
+  negative = jnp.asarray(RNG.normal(size=(d.text_len, d.text_dim)).astype(np.float32))
+  ph = ahd_trainer.Phases(c, roles, tx_g, tx_c, batch["target"].shape)
+  return roles, trunks, st, batch, negative, ph
+
+
+def test_generator_step_dmd_formula_and_cache_grad_equal_direct_backward():
+  c = tiny_ahd()
+  roles, trunks, st, batch, negative, ph = _setup(c)
+  pre = ph.prepare(st["rng"], jnp.int32(0), batch, negative)
+  cond_gen, cond = pre["gen"]
+  k_roll, k_gen = pre["keys"][0], pre["keys"][1]
+  gen_tr, critic_tr, frozen = st["gen"]["trainable"], st["critic"]["trainable"], trunks.gen
+  sched = ph.schedules[False]
+  shape = batch["target"].shape
+
+  # (1) DMD part of the cached cotangent vs the hand-written formula on separately evaluated scores
+  x = ph.rollout(gen_tr, frozen, cond_gen, k_roll, False)
+  cot_dmd, m = jax.jit(lambda *a: ahd.generator_cotangent(roles, *a, c, False))(frozen, critic_tr, x, cond,
+                                                                                ahd.draw_generator(k_gen, shape, 0, c))
+  draws = ahd.draw_generator(k_gen, shape, 0, c)
+  t, s = ahd.noise_level(draws["u"], shape, c)
+  x_t = np.asarray(x) * (1 - np.asarray(s)) + np.asarray(s) * np.asarray(draws["eps"])
+  velocity = lambda fwd, key="prompt": np.asarray(ahd.call_model(fwd, jnp.asarray(x_t), t, cond, prompt_key=key))
+  sv = float(s[0])
+  fake = x_t - sv * velocity(roles.fake_score(frozen, critic_tr))
+  real_c = x_t - sv * velocity(roles.real_score(frozen))
+  real_u = x_t - sv * velocity(roles.real_score(frozen), "negative")
+  real = real_c + c.dmd.real_guidance_scale * (real_c - real_u)
+  xn = np.asarray(x)
+  want = (fake - real) / np.abs(xn - real).mean()
+  np.testing.assert_allclose(np.asarray(cot_dmd) * xn.size, want, rtol=2e-3, atol=2e-4)
+  np.testing.assert_allclose(float(m["dmd_loss"]), 0.5 * np.mean(want ** 2), rtol=2e-3)
+
+  # (2) Cache Grad: cached cotangent through the rollout == direct backward through rollout + discriminator
+  cot, _ = ph.score(critic_tr, frozen, x, cond, k_gen, jnp.int32(0), True)
+  cached, _ = ph.gen_grads(gen_tr, frozen, cond_gen, k_roll, cot, False)
+  g_const = jnp.asarray(want, jnp.float32)
+
+  def direct(tr):
+    rd = ahd.draw_rollout(k_roll, shape, sched)
+    xx = ahd.student_rollout(roles.generator(frozen, tr), roles.generator(frozen, jax.lax.stop_gradient(tr)),
+                             cond_gen, rd, sched)
+    y = gan.crop(xx * (1 - s[:, None, None, None, None]) + s[:, None, None, None, None] * draws["gan_eps"],
+                 draws["crop"], ahd.crop_hw(shape, c))
+    logits = ahd.discriminator_logits(roles, frozen, critic_tr, y, t, cond)
+    return dmd.dmd_loss(xx, g_const) + c.gan.g_weight * gan.g_loss(logits)
+
+  want_grads = jax.jit(jax.grad(direct))(gen_tr)
+  flat_c, flat_d = jax.tree.leaves(cached), jax.tree.leaves(want_grads)
+  scale = max(float(np.abs(np.asarray(g)).max()) for g in flat_d)
+  assert scale > 0
+  for a, b in zip(flat_c, flat_d):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-3 * scale)
+
+
+def test_rollout_gradient_reaches_earlier_stages_only_through_exit_zero():
+  c = tiny_ahd(gan_on=False)
+  roles, trunks, st, batch, negative, ph = _setup(c)
+  pre = ph.prepare(st["rng"], jnp.int32(0), batch, negative)
+  cond_gen, _ = pre["gen"]
+  sched = ph.schedules[False]
+  rd = ahd.draw_rollout(jax.random.key(5), batch["target"].shape, sched)
+  noise = rd["noise"]
+
+  def grad_wrt_noise(exits):
+    d = dict(rd, exits=jnp.asarray(exits, jnp.int32), noise=noise)
+    fwd = roles.generator(trunks.gen, st["gen"]["trainable"])
+    return jax.grad(lambda n: jnp.sum(ahd.student_rollout(fwd, fwd, cond_gen, dict(d, noise=n), sched)))(noise)
+
+  g = jax.jit(grad_wrt_noise)
+  assert float(jnp.abs(g([0, 0, 0])).max()) > 0  # stage 0's input reaches the output
+  assert float(jnp.abs(g([1, 0, 0])).max()) == 0  # stage 0 exit 1: its first call is cut
+  assert float(jnp.abs(g([0, 0, 1])).max()) == 0  # stage 2 exit 1: everything before it is cut
+
+
+def _run(c, workdir, total):
+  c.total_steps = total
+  return ahd_trainer.train(c, workdir, progress=False)
+
+
+def test_tiny_ahd_trains_checkpoints_and_resumes(tmp_path):
+  c = tiny_ahd()
+  c.total_steps = 30
+  out = _run(c, str(tmp_path), 30)
+  assert out["final_step"] == 30
+  rows = metrics.read_metrics(str(tmp_path))
+  assert len(rows) == 30
+  keys = set().union(*rows)
+  for k in ("dmd_loss", "critic_loss", "gan_g_loss", "gan_d_loss", "r1", "gen_grad_norm", "critic_grad_norm",
+            "step_time"):
+    assert k in keys, k
+  for r in rows:
+    for k, v in r.items():
+      assert isinstance(v, float) or isinstance(v, int), (k, v)
+      assert np.isfinite(v), (r["step"], k)
+  assert os.path.isdir(os.path.join(str(tmp_path), "checkpoints", "30"))
+  assert os.path.exists(os.path.join(str(tmp_path), "merged", "config.json"))
+  c2 = tiny_ahd()
+  out2 = _run(c2, str(tmp_path), 33)
+  assert out2["start_step"] == 30 and out2["final_step"] == 33 and out2["resumed_from"] == 30
+
+  # the distilled student, exported in the diffusers layout, samples like Helios-Distilled
+  from helios_jax.models.transformer import HeliosTransformer3DModel
+  from helios_jax.pipelines import HeliosPyramidPipeline
+  from helios_jax.schedulers import HeliosDMDScheduler
+  model = HeliosTransformer3DModel.from_pretrained(os.path.join(str(tmp_path), "merged"))
+  sched = HeliosDMDScheduler.from_config(dict(use_dynamic_shifting=True, time_shift_type="linear"))
+  pipe = HeliosPyramidPipeline(model, sched, is_distilled=True)
+  emb = np.asarray(SyntheticClips(num_clips=1, channels=4, height=16, width=16, text_len=c.data.text_len,
+                                  text_dim=c.data.text_dim)[0]["prompt_embeds"])[None]
+  lat = pipe(prompt_embeds=emb, height=128, width=128, num_frames=33, guidance_scale=1.0,
+             pyramid_num_inference_steps_list=(2, 2, 2), is_amplify_first_chunk=True, output_type="latent",
+             progress=False).frames
+  lat = np.asarray(lat)
+  assert lat.shape[1:] == (4, 9, 16, 16) and np.all(np.isfinite(lat))
+
+
+def test_optimizer_state_on_host_matches_init_and_moves_back():
+  c = tiny_ahd(gan_on=False)
+  graphdef, trunks = ahd_trainer.build_trunks(c)
+  gen = ahd_trainer.stages.init_trainable(trunks.gen, c.train, 0)
+  tx, _ = state_lib.make_optimizer(c.optim)
+  host = offload.init_on_host(tx.init, gen)
+  ref = tx.init(gen)
+  for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if offload.available(offload.HOST):
+      assert a.sharding.memory_kind == offload.HOST
+  back = offload.to_device(host)
+  assert all(x.sharding.memory_kind == "device" for x in jax.tree.leaves(back) if offload.available(offload.HOST))
+
+
+def test_tiny_ode_pairs_and_regression(tmp_path):
+  c = ode_config.get_config("tiny")
+  c.ode.data_dir = str(tmp_path / "pairs")
+  c.ode.num_prompts = 1
+  c.total_steps = 4
+  c.checkpoint.every = 2
+  from helios_jax.training import ode, trainer
+  out = trainer.train(c, str(tmp_path / "run"), progress=False)
+  assert out["final_step"] == 4 and out["num_pairs"] == 1
+  assert all(np.isfinite(out["losses"]))
+  rec = np.load(ode.list_pairs(c.ode.data_dir)[0])
+  sched0 = ahd.rollout_schedule(tuple(c.dmd.rollout_steps), (16, 16), 9, amplify=True)
+  assert rec["s0_p0_latents"].shape == (5, 4, 9, 4, 4)  # 4 student points + the stage end, at 1/4 resolution
+  assert rec["s1_p2_latents"].shape == (3, 4, 9, 16, 16)
+  np.testing.assert_allclose(rec["s0_p1_timesteps"], sched0.timesteps[1], rtol=1e-6)
+  # the recorded trajectory starts at the stage's start latent: a unit-variance noise at stage 0
+  assert 0.5 < float(np.std(rec["s0_p0_latents"][0])) < 1.5
