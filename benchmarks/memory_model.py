@@ -17,6 +17,7 @@ temporaries of the bf16 configs (see benchmarks/train_memory.py); the argument c
 
     python benchmarks/memory_model.py                          # 14B, stages base + mid, 1/2/4/8 devices, CPU
     python benchmarks/memory_model.py --arch tiny --devices 1 2 # seconds; the same code path
+    python benchmarks/memory_model.py --backend default --devices 1   # on one GPU: compile-only calibration
 
 One JSON line per (stage, devices) is appended to ``OUT/memory_model.jsonl`` (``$OUT`` if set, else
 ``benchmarks/results``); a markdown table is printed at the end.
@@ -48,12 +49,14 @@ def parse_args():
   p.add_argument("--height", type=int, default=384, help="video height in pixels (latents = height / 8)")
   p.add_argument("--width", type=int, default=640)
   p.add_argument("--remat", default="", help="override model.remat_policy (default: the config's)")
+  p.add_argument("--backend", default="cpu", choices=["cpu", "default"],
+                 help="cpu: simulated CPU devices (any count); default: JAX's own devices (e.g. the GPUs present)")
   p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
   return p.parse_args()
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
-if ARGS is not None and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+if ARGS is not None and ARGS.backend == "cpu":
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + f" --xla_force_host_platform_device_count={max(ARGS.devices)}").strip()
