@@ -1,4 +1,4 @@
-"""Trains Helios stage 1 (Base) or stage 2 (Mid).
+"""Trains Helios stage 1 (Base), stage 2 (Mid) or stage 3 (Distilled: configs/ode.py, then configs/ahd.py).
 
   python train.py --config configs/base.py:tiny --workdir /tmp/run [--config.total_steps=100 ...]
 
@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/base.py or configs/mid.py[:tiny]).",
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/{base,mid,ode,ahd}.py[:tiny]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, merged export.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")

@@ -16,7 +16,6 @@ running phase is on the device):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -26,7 +25,7 @@ import optax
 from flax import nnx
 
 from helios_jax.errors import InputError
-from helios_jax.training import (ahd, checkpointing, data, ema as ema_lib, gan, loop, losses, lora, metrics,
+from helios_jax.training import (ahd, data, ema as ema_lib, gan, loop, losses, lora, metrics,
                                  offload, stages, state as state_lib)
 
 
@@ -45,7 +44,8 @@ class Trunks:
   def get(self, name: str):
     if self.offload and not self.shared:
       other = "teacher" if name == "gen" else "gen"
-      setattr(self, other, offload.to_host(getattr(self, other)))
+      # finish the copy out (and free the device copy) before the other trunk comes in: no transient 2-trunk peak
+      setattr(self, other, jax.block_until_ready(offload.to_host(getattr(self, other))))
       setattr(self, name, offload.to_device(getattr(self, name)))
     return getattr(self, name)
 
@@ -235,23 +235,14 @@ def train_step(ph: Phases, trunks: Trunks, state: dict, batch: dict, negative, s
 
 def train(config, workdir: str, progress: bool = True) -> dict:
   """Runs (or resumes) the DMD loop in ``workdir`` (same contract as :func:`helios_jax.training.trainer.train`)."""
-  from helios_jax.training.trainer import config_json, export_merged, make_source
-  os.makedirs(workdir, exist_ok=True)
-  cfg_json = config_json(config)
+  from helios_jax.training.trainer import export_merged, make_source
   graphdef, trunks = build_trunks(config)
   model_config = nnx.merge(graphdef, trunks.gen).config
   roles = make_roles(config, graphdef)
   tx_gen, _ = state_lib.make_optimizer(config.optim)
   tx_critic, _ = state_lib.make_optimizer(config.critic_optim)
-  state = init_state(config, trunks, model_config, tx_gen, tx_critic)
-  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.keep)
-  resumed_from = ckpt.latest_step()
-  if resumed_from is not None:
-    state, meta = ckpt.restore(state)
-    checkpointing.check_config_compatible(meta.get("config", {}), cfg_json)
-  start = int(jax.device_get(state["step"]))
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(cfg_json, f, indent=2)
+  state, ckpt, resumed_from, start, save_state = loop.open_run(
+      config, workdir, init_state(config, trunks, model_config, tx_gen, tx_critic))
 
   source = make_source(config)
   prefetch = data.Prefetcher(source, start, int(config.batch_size), int(config.data.seed),
@@ -267,13 +258,9 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     new, m = train_step(holder["phases"], trunks, holder["state"], batch, negative, step)
     return m, lambda: holder.__setitem__("state", new)
 
-  def save():
-    s = holder["state"]
-    return ckpt.save(s, dict(seed=int(config.seed), data_position=int(jax.device_get(s["step"])), config=cfg_json))
-
   try:
     losses_, stopped, _ = loop.run(start=start, total=total, next_batch=lambda: prefetch.next()[1], do_step=do_step,
-                                   save=save, writer=writer, log_every=int(config.log_every),
+                                   save=lambda: save_state(holder["state"]), writer=writer, log_every=int(config.log_every),
                                    checkpoint_every=int(config.checkpoint.every), checkpoint_dir=ckpt.directory,
                                    last_saved=resumed_from, progress=progress, desc="train ahd",
                                    loss_key="critic_loss")

@@ -6,12 +6,40 @@ new state current: it is only called once every metric is finite, so the last go
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import signal
 import time
 from typing import Callable
 
-from helios_jax.training.trainer import TrainingError, _StopFlag
+import jax
+
+from helios_jax.training import checkpointing
+from helios_jax.training.trainer import TrainingError, _StopFlag, config_json
+
+
+def open_run(config, workdir: str, state: dict):
+  """Creates ``workdir``, resumes ``state`` from its latest checkpoint (config checked) and writes config.json.
+
+  Returns ``(state, checkpointer, resumed_from, start_step, save)`` where ``save(state)`` checkpoints a state with
+  the run's metadata (seed, data position = step, config).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  cfg_json = config_json(config)
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.keep)
+  resumed_from = ckpt.latest_step()
+  if resumed_from is not None:
+    state, meta = ckpt.restore(state)
+    checkpointing.check_config_compatible(meta.get("config", {}), cfg_json)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(cfg_json, f, indent=2)
+
+  def save(s):
+    step = int(jax.device_get(s["step"]))
+    return ckpt.save(s, dict(seed=int(config.seed), data_position=step, config=cfg_json))
+
+  return state, ckpt, resumed_from, int(jax.device_get(state["step"])), save
 
 
 def run(*, start: int, total: int, next_batch: Callable[[], dict], do_step: Callable, save: Callable[[], int],

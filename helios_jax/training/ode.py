@@ -21,7 +21,6 @@ built from the teacher's final chunks (anchor = first latent of chunk 0). No cor
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import jax
@@ -34,7 +33,7 @@ from helios_jax.errors import InputError
 from helios_jax.pipelines.history import downsample_2x, upsample_nearest_2x
 from helios_jax.schedulers.dmd import HeliosDMDScheduler
 from helios_jax.schedulers.helios import calculate_shift
-from helios_jax.training import ahd, checkpointing, data, ema as ema_lib, loop, lora, losses, metrics, stages
+from helios_jax.training import ahd, data, ema as ema_lib, loop, lora, losses, metrics, stages
 from helios_jax.training import state as state_lib
 
 HISTORY = data.HISTORY_FRAMES
@@ -212,9 +211,7 @@ def ode_loss(forward, batch: dict, cfg) -> jax.Array:
 def train(config, workdir: str, progress: bool = True) -> dict:
   """Phase 5: generates missing ODE pairs, then ODE-regresses the student (LoRA on the same frozen base)."""
   from helios_jax.training.ahd_trainer import negative_embeds
-  from helios_jax.training.trainer import config_json, export_merged
-  os.makedirs(workdir, exist_ok=True)
-  cfg_json = config_json(config)
+  from helios_jax.training.trainer import export_merged
   model = stages.build_model(config.model)
   graphdef, frozen = nnx.split(model)
   files = ensure_pairs(config, graphdef, frozen, negative_embeds(config))
@@ -223,14 +220,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
                                      int(config.seed))
   if config.ema.enabled:
     state["ema"] = jax.tree.map(jnp.copy, state["trainable"])
-  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.keep)
-  resumed_from = ckpt.latest_step()
-  if resumed_from is not None:
-    state, meta = ckpt.restore(state)
-    checkpointing.check_config_compatible(meta.get("config", {}), cfg_json)
-  start = int(jax.device_get(state["step"]))
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(cfg_json, f, indent=2)
+  state, ckpt, resumed_from, start, save_state = loop.open_run(config, workdir, state)
   scale = stages.lora_scale(config.train)
   e = config.ema
 
@@ -257,13 +247,9 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     new, m = step_jit(holder["state"], frozen, batch)
     return m, lambda: holder.__setitem__("state", new)
 
-  def save():
-    s = holder["state"]
-    return ckpt.save(s, dict(seed=int(config.seed), data_position=int(jax.device_get(s["step"])), config=cfg_json))
-
   try:
     losses_, stopped, _ = loop.run(start=start, total=int(config.total_steps), next_batch=next_batch, do_step=do_step,
-                                   save=save, writer=writer, log_every=int(config.log_every),
+                                   save=lambda: save_state(holder["state"]), writer=writer, log_every=int(config.log_every),
                                    checkpoint_every=int(config.checkpoint.every), checkpoint_dir=ckpt.directory,
                                    last_saved=resumed_from, progress=progress, desc="train ode", loss_key="ode_loss")
   finally:
