@@ -33,14 +33,15 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("base", "mid")
+STAGES = ("base", "mid", "ahd")
 GIB = 2 ** 30
 
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--arch", default="14b", choices=["14b", "tiny"])
-  p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+  p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                 help="base / mid: the stage-1/2 step; ahd: the stage-3 DMD + GAN iteration's phases")
   p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
   p.add_argument("--axis", default="fsdp", choices=["fsdp", "sequence", "data"],
                  help="the mesh axis the devices go on (fsdp: ZeRO-3 style; sequence: Ulysses; data: replicas)")
@@ -135,6 +136,94 @@ def analyse(stage: str, n: int, args) -> dict:
   return rec
 
 
+def batch_or_replicated(tree, layout: TrainLayout, batch: int):
+  """Abstract inputs that are not parameters: batch-leading leaves split like the batch, the rest replicated."""
+  def one(x):
+    lead = len(x.shape) > 0 and x.shape[0] == batch
+    s = layout.batch_sharding(batch) if lead else mesh_lib.replicated(layout.mesh)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  return jax.tree.map(one, tree)
+
+
+def analyse_ahd(n: int, args) -> dict:
+  """Stage 3: each jitted phase of one AHD iteration (``ahd_trainer.Phases``) compiled on the mesh.
+
+  Resident per device: both frozen trunks (generator and teacher, separate weights as released), generator and
+  critic trainables + AdamW states, the EMA (no host offload: the mesh's FSDP replaces it). The iteration's peak
+  is estimated as resident + the largest phase's temporaries and outputs.
+  """
+  import ahd as ahd_config
+  from helios_jax.training import ahd_trainer
+  c = ahd_config.get_config("gan")
+  if args.arch == "tiny":
+    ahd_config.make_tiny(c)
+  else:
+    c.data.height, c.data.width = args.height // 8, args.width // 8
+  c.gan.start_step = 0  # the iteration includes the GAN terms
+  c.dmd.amplify_first_chunk = False  # the regular rollout with a non-zero history
+  c.offload.optimizer_on_host = c.offload.ema_on_host = c.offload.idle_trunk_on_host = False
+  if args.remat:
+    c.model.remat_policy = args.remat
+  c.mesh[args.axis] = n
+  b = args.per_device_batch * c.mesh.data * c.mesh.fsdp
+  layout = TrainLayout(mesh_lib.make_mesh(mesh_lib.mesh_shape(c.mesh)), int(c.mesh.fsdp_min_size))
+  mcfg = stages.transformer_config(c.model)
+  graphdef, frozen = nnx.split(HeliosTransformer3DModel.abstract(mcfg))
+  tx_gen, _ = state_lib.make_optimizer(c.optim)
+  tx_critic, _ = state_lib.make_optimizer(c.critic_optim)
+  state = jax.eval_shape(lambda f: ahd_trainer.init_state(c, ahd_trainer.Trunks(f, f), mcfg, tx_gen, tx_critic),
+                         frozen)
+  d = c.data
+  chunk = (b, d.channels, CHUNK, d.height, d.width)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  batch = dict(x0=f32(b, d.channels, 1, d.height, d.width), history=f32(b, d.channels, HISTORY_FRAMES, d.height,
+                                                                        d.width),
+               target=f32(*chunk), prompt_embeds=f32(b, d.text_len, d.text_dim))
+  batch.update(x0_2=batch["x0"], history_2=batch["history"], target_2=batch["target"])
+  batch = batch_or_replicated(batch, layout, b)
+  negative = batch_or_replicated(f32(d.text_len, d.text_dim), layout, b)
+  frozen_in = mesh_lib.abstract(frozen, layout.shardings(frozen))
+  st = mesh_lib.abstract(state, layout.shardings(state))
+  ph = ahd_trainer.Phases(c, ahd_trainer.make_roles(c, graphdef), tx_gen, tx_critic, chunk)
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=mesh_lib.replicated(layout.mesh))
+  phases, t0 = {}, time.perf_counter()
+  with jax.set_mesh(layout.mesh):
+    pre = batch_or_replicated(jax.eval_shape(ph.prepare, st["rng"], step, batch, negative), layout, b)
+    (cond_gen, cond), keys = pre["gen"], pre["keys"]
+    keys = [jax.ShapeDtypeStruct(keys.shape[1:], keys.dtype, sharding=mesh_lib.replicated(layout.mesh))] * 3
+    gen, critic = st["gen"], st["critic"]
+    x = batch_or_replicated(jax.eval_shape(ph.rollout, gen["trainable"], frozen_in, cond_gen, keys[0], False),
+                            layout, b)
+    cot = batch_or_replicated(jax.eval_shape(ph.score, critic["trainable"], frozen_in, x, cond, keys[1], step,
+                                             True)[0], layout, b)
+    grads = lambda part: mesh_lib.abstract(st[part]["trainable"], layout.shardings(st[part]["trainable"]))
+    calls = dict(rollout=(ph.rollout, (gen["trainable"], frozen_in, cond_gen, keys[0], False)),
+                 score=(ph.score, (critic["trainable"], frozen_in, x, cond, keys[1], step, True)),
+                 gen_grads=(ph.gen_grads, (gen["trainable"], frozen_in, cond_gen, keys[0], cot, False)),
+                 critic_grads=(ph.critic_grads, (critic["trainable"], frozen_in, x, batch["target_2"], cond, keys[2],
+                                                 True)),
+                 gen_update=(ph.gen_update, (gen["trainable"], gen["opt_state"], grads("gen"))),
+                 critic_update=(ph.critic_update, (critic["trainable"], critic["opt_state"], grads("critic"))))
+    for name, (fn, fargs) in calls.items():
+      ma = fn.lower(*fargs).compile().memory_analysis()
+      phases[name] = dict(temp=int(ma.temp_size_in_bytes), output=int(ma.output_size_in_bytes),
+                          alias=int(ma.alias_size_in_bytes))
+  compile_s = time.perf_counter() - t0
+  resident = 2 * per_device_bytes(frozen_in) + per_device_bytes(st)
+  worst = max(phases, key=lambda k: phases[k]["temp"] + phases[k]["output"] - phases[k]["alias"])
+  transient = phases[worst]["temp"] + phases[worst]["output"] - phases[worst]["alias"]
+  gib = lambda v: round(v / GIB, 2)
+  return dict(kind="memory_model", stage="ahd", devices=n, mesh=mesh_lib.format_mesh(layout.mesh),
+              backend=jax.default_backend(), jax=jax.__version__, date=datetime.date.today().isoformat(),
+              arch=args.arch, global_batch=b, latents=[d.height, d.width], chunk=CHUNK, remat=c.model.remat_policy,
+              dtype=c.model.dtype, train_mode=c.train.mode, lora_rank=int(c.train.lora_rank),
+              compile_s=round(compile_s, 1), largest_phase=worst,
+              phases_gib={k: {kk: gib(vv) for kk, vv in v.items()} for k, v in phases.items()},
+              per_device_gib=dict(frozen=gib(2 * per_device_bytes(frozen_in)), state=gib(per_device_bytes(st)),
+                                  batch=gib(per_device_bytes(batch)), temp=gib(phases[worst]["temp"]),
+                                  total=gib(resident + transient)))
+
+
 def table(records: list[dict]) -> str:
   lines = ["| stage | devices (mesh) | global batch | frozen | train state | step temporaries | total per device |",
            "|---|---|---|---|---|---|---|"]
@@ -152,7 +241,7 @@ def main():
   records = []
   for stage in args.stages:
     for n in args.devices:
-      rec = analyse(stage, n, args)
+      rec = analyse_ahd(n, args) if stage == "ahd" else analyse(stage, n, args)
       print(json.dumps(rec), flush=True)
       with open(os.path.join(args.out, "memory_model.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
