@@ -40,7 +40,7 @@ DEFAULT_MODEL = os.path.join(ASSETS, "model")
 # Wall-clock budgets (seconds) of the training stages on the GPU; with start-up, data encoding (about 40 s) and the
 # exports they stay under the 9-minute command limit. --total caps the whole run: a transformer stage gets at most
 # what is left of it minus a safety margin (and is skipped when too little is left).
-BUDGETS = dict(vae=120.0, base=140.0, mid=100.0, base_nocorrupt=140.0)
+BUDGETS = dict(vae=100.0, base=140.0, mid=100.0, base_nocorrupt=140.0)  # vae: after its first (compiling) step
 QUICK_BUDGETS = dict(vae=0.0, base=0.0, mid=0.0, base_nocorrupt=0.0)  # 0 = no limit
 TOTAL_BUDGET = 510.0
 MARGIN = 35.0  # export + tar of a stage after its budget, and the interpreter's exit
@@ -140,6 +140,9 @@ def run(args) -> dict:
     cfg.max_seconds = budgets["vae"]
     if args.vae_steps:
       cfg.total_steps = args.vae_steps
+    if args.batch:
+      cfg.batch_size = args.batch
+      cfg.stats_clips = args.batch
     vae, losses = vae_train.train_vae(cfg, os.path.join(work, "vae_run"), progress=True)
     vae_train.save_vae(vae, vae_folder)
     log["stages"]["vae"] = dict(seconds=time.perf_counter() - t0, metrics=_metrics(os.path.join(work, "vae_run")),
@@ -191,6 +194,8 @@ def run(args) -> dict:
     cfg.data.data_dir = data_dir
     if args.steps:
       cfg.total_steps = args.steps
+    if args.batch:
+      cfg.batch_size = args.batch
     budget = budgets.get(name, 0.0)
     if args.total > 0:
       left = args.total - (time.perf_counter() - t_all) - MARGIN
@@ -303,6 +308,7 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, help="override total_steps of the transformer stages")
   p.add_argument("--vae-steps", type=int, help="override total_steps of the VAE")
   p.add_argument("--clips", type=int, help="number of encoded training clips")
+  p.add_argument("--batch", type=int, help="override every stage's batch size (a CPU dry run of the full configs)")
   p.add_argument("--quality", action="store_true",
                  help="afterwards run benchmarks/demo_quality.py on the trained, bundled and runs/demo/* models")
   p.add_argument("--quality-clips", type=int, default=8)
