@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -310,13 +309,14 @@ def test_cli_user_mistakes(case, cli_files, capsys, monkeypatch):
   assert not os.path.exists(cli_files["out"])
 
 
-def test_cli_without_model_points_to_weights():
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--prompt", "x"], capture_output=True,
-                        text=True, cwd=ROOT, timeout=60)
-  assert proc.returncode == 2
-  lines = proc.stderr.strip().splitlines()
+def test_cli_without_model_and_without_bundled_demo_points_to_weights(tmp_path, monkeypatch, capsys):
+  """No --model uses the bundled demo model (tests/test_demo.py); an installation without it says where the real
+  weights are."""
+  monkeypatch.setattr(sample, "DEMO_DIR", str(tmp_path / "missing"))
+  assert sample.main(["--prompt", "x", "--out", str(tmp_path / "x.mp4")]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ")
-  assert "demo model is not available yet" in lines[0] and "BestWishYsh/Helios-Distilled" in lines[0]
+  assert "bundled demo model is missing" in lines[0] and "BestWishYsh/Helios-Distilled" in lines[0]
 
 
 def test_cli_end_to_end(cli_files, capsys):
