@@ -1,20 +1,24 @@
 #!/usr/bin/env python
-"""Trains the bundled demo model end to end in one command: VAE -> encoded scenes -> Base -> Mid (-> Base without
-anti-drifting, for the ablation), each stage through the project's own trainers, under one wall-clock budget.
+"""Trains the bundled demo model in one command per GPU call: VAE -> encoded scenes -> Base -> Mid, then (a second
+call) stage 3 (ODE regression + DMD: the 3-step distilled model) and the Base without anti-drifting (ablation),
+each stage through the project's own trainers, under one wall-clock budget.
 
-    python benchmarks/train_demo.py --out OUT                # GPU (about 8 minutes on one H200)
+    python benchmarks/train_demo.py --out OUT                # GPU, stages 1-2 (about 8 minutes on one H200)
+    python benchmarks/train_demo.py --out OUT --stages ode,ahd,base_nocorrupt --quality   # GPU, second call
     python benchmarks/train_demo.py --out /tmp/demo --quick  # CPU dry run with the :tiny configs (minutes)
     python benchmarks/train_demo.py --assemble OUT           # unpack a run's outputs into helios_jax/assets/demo
 
 Writes to OUT (at most 8 files, each well under 16 MiB, so the GPU tool returns them):
   components.tar.gz          vae/ text_encoder/ tokenizer/ (shared by every pipeline folder)
-  transformer_<name>.tar.gz  the merged transformer of each trained stage (base, mid, base_nocorrupt), bfloat16
+  transformer_<name>.tar.gz  the merged transformer of each trained stage (base, mid, base_nocorrupt, distilled),
+                             bfloat16
+  demo_quality.json, sheets/ with --quality: benchmarks/demo_quality.py on every model at hand
   train_log.json             losses and timings of every stage (one record per logged step) and the summary
 Each stage has its own budget (seconds); a stage that reaches it saves, stops and exports what it has (the
 record says so), so the command always finishes in time. Latents are encoded once, on the device.
 
 ``--assemble`` turns those files into diffusers-layout pipeline folders: the default bundled model
-``helios_jax/assets/demo/model`` (Mid, or the best stage trained) and ``runs/demo/<name>`` for the others
+``helios_jax/assets/demo/model`` (Mid, or the stage named by --default) and ``runs/demo/<name>`` for the others
 (``benchmarks/demo_quality.py`` compares them).
 """
 
@@ -40,8 +44,9 @@ DEFAULT_MODEL = os.path.join(ASSETS, "model")
 # Wall-clock budgets (seconds) of the training stages on the GPU; with start-up, data encoding (about 40 s) and the
 # exports they stay under the 9-minute command limit. --total caps the whole run: a transformer stage gets at most
 # what is left of it minus a safety margin (and is skipped when too little is left).
-BUDGETS = dict(vae=100.0, base=140.0, mid=100.0, base_nocorrupt=140.0)  # vae: after its first (compiling) step
-QUICK_BUDGETS = dict(vae=0.0, base=0.0, mid=0.0, base_nocorrupt=0.0)  # 0 = no limit
+BUDGETS = dict(vae=100.0, base=140.0, mid=100.0, base_nocorrupt=140.0,  # vae: after its first (compiling) step
+               ode=100.0, ahd=130.0)  # ode: teacher pair generation included
+QUICK_BUDGETS = dict(vae=0.0, base=0.0, mid=0.0, base_nocorrupt=0.0, ode=0.0, ahd=0.0)  # 0 = no limit
 TOTAL_BUDGET = 510.0
 MARGIN = 35.0  # export + tar of a stage after its budget, and the interpreter's exit
 # Sampling defaults written into each folder's model_index.json ("helios_jax_defaults", read by sample.py).
@@ -96,6 +101,18 @@ def _bf16_copy(folder: str, workdir: str) -> str:
   return out
 
 
+TAR_NAME = dict(ahd="distilled")  # the stage-3 result is the "distilled" pipeline
+
+
+def _reusable(folder: str, name: str) -> str:
+  """``folder/transformer`` when ``folder`` is a demo pipeline folder of stage ``name``, else ""."""
+  idx = os.path.join(folder or "", "model_index.json")
+  if not os.path.isfile(idx):
+    return ""
+  with open(idx, encoding="utf-8") as f:
+    return os.path.join(folder, "transformer") if json.load(f).get("helios_jax_demo") == name else ""
+
+
 def _metrics(workdir: str) -> list[dict]:
   from helios_jax.training.metrics import read_metrics
   return read_metrics(workdir)
@@ -109,8 +126,10 @@ def _tar(path: str, members: dict[str, str]) -> None:
 
 def run(args) -> dict:
   import jax
+  import demo_ahd
   import demo_base
   import demo_mid
+  import demo_ode
   import demo_vae
   from helios_jax.training import demo, vae_train
   quick = args.quick
@@ -164,7 +183,8 @@ def run(args) -> dict:
                                                      ("vae", "text_encoder", "tokenizer")})
   # 3. encoded scenes
   data_dir = os.path.join(work, "data")
-  if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+  needs_data = any(n in stages for n in ("base", "mid", "base_nocorrupt", "ode", "ahd"))
+  if needs_data and not os.path.isfile(os.path.join(data_dir, "meta.json")):
     from helios_jax.models.vae import AutoencoderKLWan
     t0 = time.perf_counter()
     vae = AutoencoderKLWan.from_pretrained(vae_folder)
@@ -179,15 +199,29 @@ def run(args) -> dict:
     save_log()
   # 4. transformer stages
   trained = {}
-  for name in ("base", "mid", "base_nocorrupt"):
+  reused_mid = _reusable(args.reuse, "mid")
+  for name in ("base", "mid", "base_nocorrupt", "ode", "ahd"):
     if name not in stages:
       continue
+    mid = trained.get("mid") or reused_mid
     if name == "mid":
       if "base" not in trained:
         _log("mid needs base in the same run; skipped")
         continue
       cfg = demo_mid.get_config(variant)
       cfg.model.pretrained = trained["base"]
+    elif name in ("ode", "ahd"):
+      if not mid or (name == "ahd" and "ode" not in trained):
+        _log(f"{name} needs {'the ode stage and ' if name == 'ahd' else ''}a Mid transformer; skipped")
+        continue
+      if name == "ode":
+        cfg = demo_ode.get_config(variant)
+        cfg.model.pretrained = mid
+        cfg.ode.data_dir = os.path.join(work, "ode_pairs")
+      else:
+        cfg = demo_ahd.get_config(variant)
+        cfg.model.pretrained = trained["ode"]
+        cfg.teacher.pretrained = mid
     else:
       cfg = demo_base.get_config(",".join(v for v in (variant, "nocorrupt" if name == "base_nocorrupt" else "")
                                           if v))
@@ -209,7 +243,9 @@ def run(args) -> dict:
     out = train_with_budget(cfg, wd, budget)
     merged = os.path.join(wd, "merged")
     trained[name] = merged
-    _tar(os.path.join(args.out, f"transformer_{name}.tar.gz"), {"transformer": _bf16_copy(merged, wd)})
+    if name != "ode":  # the ODE-regressed student is only the start of the DMD loop
+      _tar(os.path.join(args.out, f"transformer_{TAR_NAME.get(name, name)}.tar.gz"),
+           {"transformer": _bf16_copy(merged, wd)})
     log["stages"][name] = dict(seconds=time.perf_counter() - t0, final_step=out["final_step"],
                                requested_steps=out.get("requested_steps", int(cfg.total_steps)),
                                num_trainable=out["num_trainable"], metrics=_metrics(wd))
@@ -239,7 +275,10 @@ def quality(args, comp: str, trained: dict, log: dict) -> None:
         folders[name] = cand
         break
   scene = log["stages"].get("data", {}).get("meta", {})
-  for name, merged in trained.items():
+  for stage, merged in trained.items():
+    if stage == "ode":
+      continue
+    name = TAR_NAME.get(stage, stage)
     out = os.path.join(args.work, "pipelines", name)
     defaults = dict(height=scene.get("pixel_height", 128), width=scene.get("pixel_width", 128), num_frames=99,
                     **SAMPLE_DEFAULTS[name])
@@ -247,6 +286,8 @@ def quality(args, comp: str, trained: dict, log: dict) -> None:
                                os.path.join(comp, "text_encoder"), os.path.join(comp, "tokenizer"),
                                extra={"helios_jax_defaults": defaults, "helios_jax_demo": name})
     folders[name] = out
+  if args.quality_models:
+    folders = {n: p for n, p in folders.items() if n in args.quality_models.split(",")}
   specs = [f"{n}={p}:{QUALITY_STEPS[n]}" for n, p in folders.items()]
   _log(f"quality benchmark on {', '.join(folders)}")
   t0 = time.perf_counter()
@@ -274,7 +315,7 @@ def assemble(src: str, default_kind: str = "", runs: str = os.path.join(ROOT, "r
            if os.path.isfile(os.path.join(src, f"transformer_{n}.tar.gz"))]
   if not names:
     raise SystemExit(f"no transformer_*.tar.gz in {src}")
-  default = default_kind or names[0]
+  default = default_kind or ("mid" if "mid" in names else "")  # a run without Mid leaves the bundled model alone
   scene = log["stages"].get("data", {}).get("meta", {})
   folders = {}
   for name in names:
@@ -299,7 +340,9 @@ def main(argv=None) -> int:
   p.add_argument("--out", help="output folder ($OUT on the GPU machine)")
   p.add_argument("--work", default="/tmp/helios_demo_work", help="scratch folder (runs, encoded data)")
   p.add_argument("--quick", action="store_true", help="CPU dry run: :tiny configs, a few steps")
-  p.add_argument("--stages", default="vae,base,mid", help="comma list of vae, base, mid, base_nocorrupt")
+  p.add_argument("--stages", default="vae,base,mid",
+                 help="comma list of vae, base, mid, base_nocorrupt, ode, ahd (ode + ahd = the distilled model; "
+                      "without mid in the run they distil the --reuse folder's Mid)")
   p.add_argument("--reuse", default=DEFAULT_MODEL,
                  help="pipeline folder whose vae/ text_encoder/ tokenizer/ are reused when 'vae' is not a stage")
   p.add_argument("--budget", action="append", metavar="STAGE=SECONDS", help="override a stage's budget")
@@ -311,10 +354,12 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, help="override every stage's batch size (a CPU dry run of the full configs)")
   p.add_argument("--quality", action="store_true",
                  help="afterwards run benchmarks/demo_quality.py on the trained, bundled and runs/demo/* models")
+  p.add_argument("--quality-models", help="comma list: benchmark only these (base, base_nocorrupt, mid, distilled)")
   p.add_argument("--quality-clips", type=int, default=8)
   p.add_argument("--quality-chunks", type=int, default=10)
   p.add_argument("--assemble", metavar="SRC", help="unpack SRC (a run's --out) into helios_jax/assets/demo")
-  p.add_argument("--default", default="", help="with --assemble: which stage becomes the bundled default")
+  p.add_argument("--default", default="",
+                 help="with --assemble: which stage becomes the bundled default (default: mid when the run has it)")
   args = p.parse_args(argv)
   if args.assemble:
     assemble(args.assemble, args.default)

@@ -28,20 +28,25 @@ TINY_ARCH = dict(num_attention_heads=2, attention_head_dim=16, rope_dim=(4, 6, 6
 
 
 def demo_settings(c: ml_collections.ConfigDict, arg: str) -> None:
-  """The demo overrides shared by demo_base and demo_mid."""
-  c.model.arch = "tiny"
-  c.model.overrides = dict(DEMO_ARCH)
-  c.model.dtype = "float32"
-  c.model.remat_policy = "none"
+  """The demo overrides shared by demo_base and demo_mid (full training from scratch)."""
+  demo_model_and_data(c, arg)
   c.train.mode = "full"  # trained from scratch
   c.optim.learning_rate = 3e-4
   c.optim.schedule = "constant_with_warmup"
-  c.optim.warmup_steps = 200
+  c.optim.warmup_steps = 200 if arg != "tiny" else 1
   c.optim.weight_decay = 0.01
   c.objective.caption_dropout_p = 0.1  # lets the demo model also run with classifier-free guidance
   # The demo's headline is I2V: show the I2V history pattern (anchor + one recent frame) in training too
   # (released configs: 0.0; the maintainers' correct.yaml: 0.1).
   c.objective.random_drop_i2v = 0.2
+
+
+def demo_model_and_data(c: ml_collections.ConfigDict, arg: str) -> None:
+  """Model size / dtype and the encoded-scene data of every demo stage (1, 2 and 3)."""
+  c.model.arch = "tiny"
+  c.model.overrides = dict(DEMO_ARCH)
+  c.model.dtype = "float32"
+  c.model.remat_policy = "none"
   c.data.source = "demo"
   c.data.data_dir = ""  # the encoded scene folder (set on the command line or by benchmarks/train_demo.py)
   c.data.num_chunks = 4
@@ -56,7 +61,6 @@ def demo_settings(c: ml_collections.ConfigDict, arg: str) -> None:
   if arg == "tiny":
     c.total_steps = 3
     c.model.overrides = dict(TINY_ARCH)
-    c.optim.warmup_steps = 1
     c.data.height = 8
     c.data.width = 8
     c.data.channels = 4
