@@ -9,6 +9,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "helios_jax_test_ahd_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -273,6 +274,7 @@ def _run(c, workdir, total):
 
 def test_tiny_ahd_trains_checkpoints_and_resumes(tmp_path):
   c = tiny_ahd()
+  c.gan.start_step = 0  # GAN from the first step: one compiled variant per phase
   c.total_steps = 30
   out = _run(c, str(tmp_path), 30)
   assert out["final_step"] == 30
@@ -289,6 +291,7 @@ def test_tiny_ahd_trains_checkpoints_and_resumes(tmp_path):
   assert os.path.isdir(os.path.join(str(tmp_path), "checkpoints", "30"))
   assert os.path.exists(os.path.join(str(tmp_path), "merged", "config.json"))
   c2 = tiny_ahd()
+  c2.gan.start_step = 0
   out2 = _run(c2, str(tmp_path), 33)
   assert out2["start_step"] == 30 and out2["final_step"] == 33 and out2["resumed_from"] == 30
 
@@ -323,6 +326,7 @@ def test_optimizer_state_on_host_matches_init_and_moves_back():
   assert all(x.sharding.memory_kind == "device" for x in jax.tree.leaves(back) if offload.available(offload.HOST))
 
 
+@pytest.mark.slow
 def test_tiny_ode_pairs_and_regression(tmp_path):
   c = ode_config.get_config("tiny")
   c.ode.data_dir = str(tmp_path / "pairs")
