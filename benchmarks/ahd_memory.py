@@ -96,10 +96,11 @@ def make_config(args):
     ahd_config.make_tiny(c)
     c.gan.start_step = 0
     c.model.dtype = args.dtype or "float32"
+    c.model.remat_policy = args.remat or "none"
   else:
     c.model.arch = "14b"
     c.model.dtype = args.dtype or "bfloat16"
-    c.model.remat_policy = args.remat
+    c.model.remat_policy = args.remat or "full"
     c.train.lora_rank = c.critic.lora_rank = args.rank
     c.train.lora_alpha = c.critic.lora_alpha = float(args.rank)
     c.data.height, c.data.width, c.data.channels = args.latent_height, args.latent_width, 16
@@ -114,7 +115,7 @@ def main():
   p.add_argument("--arch", choices=("14b", "tiny"), default="14b")
   p.add_argument("--dtype", default=None, help="frozen trunk dtype (bfloat16 for 14b, float32 for tiny)")
   p.add_argument("--rank", type=int, default=256)
-  p.add_argument("--remat", default="full")
+  p.add_argument("--remat", default=None, help="remat policy per block (default: full for 14b, none for tiny)")
   p.add_argument("--latent-height", type=int, default=48)
   p.add_argument("--latent-width", type=int, default=80)
   p.add_argument("--shared-trunk", action="store_true", help="generator base == teacher base (one frozen trunk)")
