@@ -174,10 +174,10 @@ class Phases:
       return grads, m
 
     def update(tx):
-      def f(trainable, opt_state, grads):
+      def apply_update(trainable, opt_state, grads):
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state
-      return jax.jit(f, donate_argnums=(0, 1, 2))
+      return jax.jit(apply_update, donate_argnums=(0, 1, 2))
 
     ec = config.ema
     self.prepare = jax.jit(prepare)
