@@ -133,7 +133,7 @@ def main():
   if args.shared_trunk:
     teacher_state = gen_state
   else:
-    gen_state = offload.to_host(gen_state, bool(config.offload.idle_trunk_on_host))
+    gen_state = offload.to_host(gen_state, bool(config.offload.idle_trunk_on_host), donate=True)
     _, teacher_state, _ = build_trunk(config.model, 1)
   trunks = ahd_trainer.Trunks(gen_state, teacher_state, bool(config.offload.idle_trunk_on_host))
   trunk_bytes = tree_bytes(gen_state) * (1 if args.shared_trunk else 2)

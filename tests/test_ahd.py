@@ -326,6 +326,23 @@ def test_optimizer_state_on_host_matches_init_and_moves_back():
   assert all(x.sharding.memory_kind == "device" for x in jax.tree.leaves(back) if offload.available(offload.HOST))
 
 
+def test_trunk_swap_moves_leafwise_and_frees_sources():
+  """offload.swap: values kept, memory kinds exchanged, every source buffer deleted (what keeps the 14B run's
+  pinned-host pool under one trunk plus optimizer state)."""
+  rng = np.random.default_rng(0)
+  a = {"w": jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32), "b": jnp.asarray(rng.normal(size=(7,)))}
+  b = {"w": jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32)}
+  want_a, want_b = jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b)
+  b = offload.to_host(b, donate=True)
+  out, inc = offload.swap(a, b)
+  for got, want in ((out, want_a), (inc, want_b)):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got), want)
+  if offload.available(offload.HOST):
+    assert all(x.sharding.memory_kind == offload.HOST for x in jax.tree.leaves(out))
+    assert all(x.sharding.memory_kind == "device" for x in jax.tree.leaves(inc))
+    assert all(x.is_deleted() for x in jax.tree.leaves(a) + jax.tree.leaves(b))
+
+
 @pytest.mark.slow
 def test_tiny_ode_pairs_and_regression(tmp_path):
   c = ode_config.get_config("tiny")

@@ -44,9 +44,10 @@ class Trunks:
   def get(self, name: str):
     if self.offload and not self.shared:
       other = "teacher" if name == "gen" else "gen"
-      # finish the copy out (and free the device copy) before the other trunk comes in: no transient 2-trunk peak
-      setattr(self, other, jax.block_until_ready(offload.to_host(getattr(self, other))))
-      setattr(self, name, offload.to_device(getattr(self, name)))
+      # leaf by leaf, each source freed after its copy: neither device nor pinned host ever holds both trunks
+      out, inc = offload.swap(getattr(self, other), getattr(self, name))
+      setattr(self, other, out)
+      setattr(self, name, inc)
     return getattr(self, name)
 
 
@@ -204,9 +205,9 @@ def train_step(ph: Phases, trunks: Trunks, state: dict, batch: dict, negative, s
   is_gen_step = step % int(cfg.dmd.update_ratio) == 0
 
   def apply(part, tx_update, grads):
-    opt = offload.to_device(new[part]["opt_state"])
+    opt = offload.to_device(new[part]["opt_state"], donate=host_opt)  # state is consumed: free the host copy
     trainable, opt = tx_update(new[part]["trainable"], opt, grads)
-    new[part] = dict(trainable=trainable, opt_state=offload.to_host(opt, host_opt))
+    new[part] = dict(trainable=trainable, opt_state=offload.to_host(opt, host_opt, donate=True))
 
   if is_gen_step:
     cond_gen, cond = pre["gen"]
@@ -226,8 +227,8 @@ def train_step(ph: Phases, trunks: Trunks, state: dict, batch: dict, negative, s
 
   if "ema" in new and (is_gen_step or step < int(cfg.ema.start_step)):
     count = new["ema_count"] + 1
-    e = ph.ema(offload.to_device(new["ema"]), new["gen"]["trainable"], count)
-    new["ema"] = offload.to_host(e, bool(cfg.offload.ema_on_host))
+    e = ph.ema(offload.to_device(new["ema"], donate=bool(cfg.offload.ema_on_host)), new["gen"]["trainable"], count)
+    new["ema"] = offload.to_host(e, bool(cfg.offload.ema_on_host), donate=True)
     new["ema_count"] = count
   new["step"] = state["step"] + 1
   return new, m

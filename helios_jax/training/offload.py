@@ -24,25 +24,49 @@ def available(kind: str) -> bool:
     return False
 
 
-def to_memory(tree, kind: str):
-  """``tree`` with every array moved to memory ``kind`` (same sharding); unchanged if the kind is unavailable."""
+def _move(x, kind: str, donate: bool):
+  if not isinstance(x, jax.Array) or x.sharding.memory_kind == kind:
+    return x
+  y = jax.device_put(x, x.sharding.with_memory_kind(kind))
+  if donate:  # free the source now, not when Python drops it: the two copies never coexist beyond one leaf
+    y.block_until_ready()
+    x.delete()
+  return y
+
+
+def to_memory(tree, kind: str, donate: bool = False):
+  """``tree`` with every array moved to memory ``kind`` (same sharding); unchanged if the kind is unavailable.
+
+  ``donate=True`` deletes each source array right after its copy (the caller must hold no other reference): the
+  peak of the source memory then falls leaf by leaf instead of holding both copies until the tree is dropped.
+  """
   if not (available(kind) and available(HOST)):
     return tree
-
-  def move(x):
-    if not isinstance(x, jax.Array) or x.sharding.memory_kind == kind:
-      return x
-    return jax.device_put(x, x.sharding.with_memory_kind(kind))
-
-  return jax.tree.map(move, tree)
+  return jax.tree.map(lambda x: _move(x, kind, donate), tree)
 
 
-def to_host(tree, enabled: bool = True):
-  return to_memory(tree, HOST) if enabled else tree
+def to_host(tree, enabled: bool = True, donate: bool = False):
+  return to_memory(tree, HOST, donate) if enabled else tree
 
 
-def to_device(tree):
-  return to_memory(tree, DEVICE)
+def to_device(tree, donate: bool = False):
+  return to_memory(tree, DEVICE, donate)
+
+
+def swap(outgoing, incoming):
+  """(``outgoing`` on the host, ``incoming`` on the device), moved leaf by leaf in alternation with each source
+  deleted after its copy, so neither the device nor the pinned host pool ever holds both trees (the transient is
+  one leaf, at 14B the largest stacked FFN kernel, 5.3 GiB). Both trees are consumed."""
+  if not available(HOST):
+    return outgoing, incoming
+  out_leaves, out_def = jax.tree.flatten(outgoing)
+  in_leaves, in_def = jax.tree.flatten(incoming)
+  for i in range(max(len(out_leaves), len(in_leaves))):
+    if i < len(out_leaves):
+      out_leaves[i] = _move(out_leaves[i], HOST, True)
+    if i < len(in_leaves):
+      in_leaves[i] = _move(in_leaves[i], DEVICE, True)
+  return jax.tree.unflatten(out_def, out_leaves), jax.tree.unflatten(in_def, in_leaves)
 
 
 def init_on_host(init, params, enabled: bool = True):
