@@ -372,6 +372,9 @@ def main(argv=None) -> int:
   print(json.dumps({k: v for k, v in log.items() if k != "stages"}, indent=1))
   for name, rec in log["stages"].items():
     m = rec.get("metrics") or []
+    if rec.get("skipped") or "seconds" not in rec:
+      print(f"{name}: skipped")
+      continue
     print(f"{name}: {rec['seconds']:.0f} s" + (f", final loss {m[-1].get('loss')}" if m else ""))
   return 0
 
