@@ -7,14 +7,7 @@ export PYTHONUNBUFFERED=1
 python benchmarks/fps.py --components-only --tag default --out "$OUT" 2>&1 | grep components:
 XLA_FLAGS=--xla_gpu_force_conv_nhwc=true python benchmarks/fps.py --components-only --tag nhwc --out "$OUT" 2>&1 \
   | grep components:
-best=$(python - "$OUT" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1] + "/components_default.json"))
-n = json.load(open(sys.argv[1] + "/components_nhwc.json"))
-tot = lambda r: r["forward_sum_s"] + r["vae_decode_chunk_s"]
-print("nhwc" if tot(n) < tot(d) else "default")
-PY
-)
+best=$(python benchmarks/pick_faster.py "$OUT" default nhwc)
 echo "best: $best"
 if [ "$best" = nhwc ]; then export XLA_FLAGS=--xla_gpu_force_conv_nhwc=true; fi
 python benchmarks/fps.py --tag "$best" --out "$OUT" 2>&1 | grep -v -i warning | tail -4

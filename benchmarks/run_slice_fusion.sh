@@ -9,14 +9,7 @@ DSF=--xla_gpu_enable_dynamic_slice_fusion=true
 python benchmarks/fps.py --components-only --tag default --out "$OUT" 2>&1 | grep -E "components:|device:"
 XLA_FLAGS=$DSF python benchmarks/fps.py --components-only --tag dsf --out "$OUT" 2>&1 | grep -E "components:|Error"
 XLA_FLAGS=$DSF python benchmarks/profile_chunk.py --out "$OUT/prof_dsf" 2>&1 | grep -v -i warning | tail -12
-best=$(python - "$OUT" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1] + "/components_default.json"))
-n = json.load(open(sys.argv[1] + "/components_dsf.json"))
-tot = lambda r: r["forward_sum_s"] + r["vae_decode_chunk_s"]
-print("dsf" if tot(n) < tot(d) else "default")
-PY
-)
+best=$(python benchmarks/pick_faster.py "$OUT" default dsf)
 echo "best: $best"
 if [ "$best" = dsf ]; then export XLA_FLAGS=$DSF; fi
 python benchmarks/fps.py --tag "$best" --out "$OUT" 2>&1 | grep -v -i warning | tail -4
