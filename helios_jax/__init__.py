@@ -7,6 +7,7 @@ lazily so that ``import helios_jax`` stays cheap and a missing optional dependen
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 __version__ = "0.1.0"
@@ -29,6 +30,22 @@ def _default_xla_flags() -> None:
 
 
 _default_xla_flags()
+
+
+class _ShortPluginError(logging.Filter):
+  """jax[cuda12] on a machine without a usable GPU logs a full traceback when its CUDA plugin fails to start, then
+  runs on the CPU. Keep the information, drop the traceback: one line saying what happened."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if str(record.msg).startswith("Jax plugin configuration error") and record.exc_info:
+      err = record.exc_info[1]
+      record.msg = "JAX GPU plugin unavailable (%s: %s); running on the CPU"
+      record.args = (type(err).__name__, str(err).splitlines()[0][:160] if str(err) else "")
+      record.exc_info = None
+    return True
+
+
+logging.getLogger("jax._src.xla_bridge").addFilter(_ShortPluginError())
 
 _EXPORTS = {
     "HeliosTransformer3DModel": "helios_jax.models.transformer",
