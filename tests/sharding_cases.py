@@ -11,7 +11,11 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The stage-3 case compiles about twenty programs and runs each once or twice: LLVM's -O0 halves its compile time
+# (numerics are XLA's, not LLVM's; both sides of every comparison are compiled alike).
+FAST_COMPILE = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           + (FAST_COMPILE if sys.argv[1:2] == ["ahd"] else "")).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -173,7 +177,61 @@ def case_sampling(workdir: str) -> None:
     assert err < 1e-5, f"{spec}: sharded sampling differs from one device by {err:.2e} (relative max)"
 
 
-CASES = dict(training=case_training, checkpoint=case_checkpoint, sampling=case_sampling)
+def ahd_config(total_steps: int, offload: bool = False, **mesh):
+  """Tiny stage-3 DMD config (GAN off, one rollout schedule), separate teacher weights, global batch 8."""
+  import ahd
+  c = ahd.get_config("tiny")
+  c.batch_size = GLOBAL_BATCH
+  c.total_steps = total_steps
+  c.dmd.amplify_first_chunk = False  # one rollout schedule: half the compilations
+  c.teacher.init_seed = 1  # two trunks, so the trunk swap runs when offloading
+  c.export_merged = False
+  c.checkpoint.every = 1000
+  c.log_every = 1
+  c.mesh.fsdp_min_size = 0  # split the tiny model's tensors too
+  c.offload.optimizer_on_host = c.offload.ema_on_host = c.offload.idle_trunk_on_host = offload
+  for k, v in mesh.items():
+    c.mesh[k] = v
+  return c
+
+
+def case_ahd(workdir: str) -> None:
+  """Stage 3: train() on one device vs on data=2 x fsdp=4 (host offload on) for step 1 (generator + critic
+  phases), resumed on one device for step 2 (critic phases)."""
+  from flax import nnx as nnx_
+  from helios_jax.training import ahd_trainer, metrics, state as state_lib
+  from helios_jax.training.trainer import train
+  # the resumed one-device run compiles the reference run's programs again: take them from a persistent cache
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  total = 2  # update_ratio 2: step 0 runs every phase, step 1 the critic's
+  ref_dir, run = os.path.join(workdir, "ref"), os.path.join(workdir, "run")
+  train(ahd_config(total), ref_dir, progress=False)
+  first = train(ahd_config(total - 1, offload=True, data=2, fsdp=4), run, progress=False)
+  second = train(ahd_config(total), run, progress=False)  # resumed on one device, offload off
+  assert first["final_step"] == total - 1 and second["resumed_from"] == total - 1, (first, second)
+  ref, got = metrics.read_metrics(ref_dir), metrics.read_metrics(run)
+  assert [r["step"] for r in ref] == [r["step"] for r in got] == list(range(1, total + 1)), (ref, got)
+  for a, b in zip(ref, got):
+    keys = sorted(set(a) - {"step", "step_time"})
+    assert keys == sorted(set(b) - {"step", "step_time"}) and "critic_loss" in keys, (a, b)
+    print("step", a["step"], {k: (a[k], b[k]) for k in keys})
+    np.testing.assert_allclose([b[k] for k in keys], [a[k] for k in keys], rtol=1e-4, atol=1e-6,
+                               err_msg=f"step {a['step']} metrics {keys}: 2x4 mesh (+ resume) vs one device")
+
+  # what the mesh run placed: trunks, trainables, optimiser states and EMA split over fsdp
+  c = ahd_config(total, data=2, fsdp=4)
+  layout = TrainLayout.from_config(c)
+  graphdef, trunks = ahd_trainer.build_trunks(c, layout)
+  tx, _ = state_lib.make_optimizer(c.optim)
+  state = ahd_trainer.init_state(c, trunks, nnx_.merge(graphdef, trunks.gen).config, tx, tx, layout)
+  for name, tree in (("generator trunk", trunks.gen), ("teacher trunk", trunks.teacher),
+                     ("generator trainables", state["gen"]["trainable"]), ("critic optimiser", state["critic"]),
+                     ("EMA", state["ema"])):
+    assert "fsdp" in sharded_axes(tree), f"{name} not split over fsdp"
+
+
+CASES = dict(training=case_training, checkpoint=case_checkpoint, sampling=case_sampling, ahd=case_ahd)
 
 if __name__ == "__main__":
   assert len(jax.devices()) == 8, jax.devices()

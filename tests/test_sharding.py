@@ -46,6 +46,12 @@ def test_sharded_sampling_equals_unsharded(tmp_path):
   run_case("sampling", tmp_path)
 
 
+@pytest.mark.sharding
+def test_sharded_ahd_equals_single_device(tmp_path):
+  """Stage 3 (tiny DMD): logged metrics on one device vs data=2 x fsdp=4 with host offload, resumed on one device."""
+  run_case("ahd", tmp_path)
+
+
 def test_param_spec_rule():
   # largest divisible dim, never the stacked layer axis, small tensors replicated
   assert mesh_lib.param_spec("blocks.ffn.proj_in.kernel", (40, 5120, 13824), 8) == mesh_lib.P(None, None, "fsdp")

@@ -31,14 +31,16 @@ class TrainLayout:
   fsdp_min_size: int = mesh_lib.DEFAULT_FSDP_MIN_SIZE
 
   @classmethod
-  def from_config(cls, config) -> "TrainLayout":
-    """From ``config.mesh`` (see :func:`helios_jax.parallel.mesh.add_mesh_config`); checks ``config.batch_size``."""
+  def from_config(cls, config, check_batch: bool = True) -> "TrainLayout":
+    """From ``config.mesh`` (see :func:`helios_jax.parallel.mesh.add_mesh_config`); checks ``config.batch_size``
+    unless ``check_batch`` is False (a stage whose batch does not come from ``batch_size``: ODE regression)."""
     mesh_cfg = config.get("mesh") if hasattr(config, "get") else None
     mesh = mesh_lib.make_mesh(mesh_lib.mesh_shape(mesh_cfg))
     min_size = mesh_lib.DEFAULT_FSDP_MIN_SIZE if mesh_cfg is None else mesh_cfg.get("fsdp_min_size",
                                                                                   mesh_lib.DEFAULT_FSDP_MIN_SIZE)
     layout = cls(mesh, int(min_size))
-    layout.check_batch(int(config.batch_size))
+    if check_batch:
+      layout.check_batch(int(config.batch_size))
     return layout
 
   @property
@@ -74,15 +76,16 @@ class TrainLayout:
       return jax.make_array_from_callback(x.shape, self.batch_sharding(x.shape[0]), lambda idx: x[idx])
     return jax.tree.map(one, batch)
 
-  def jit_step(self, step: Callable, state, frozen, donate: bool = True) -> Callable:
+  def jit_step(self, step: Callable, state, frozen, donate: bool = True, batch_sharding=None) -> Callable:
     """``jax.jit(step)`` with the state's, frozen base's and batch's shardings declared; traced under the mesh.
 
     Args:
       step: ``step(state, frozen, batch) -> (state, metrics)``.
       state, frozen: example (or abstract) trees that fix the shardings.
+      batch_sharding: one sharding for every batch leaf; default: leading axis over ``data x fsdp``.
     """
     state_sh, frozen_sh = self.shardings(state), self.shardings(frozen)
-    batch_sh = mesh_lib.batch_sharding(self.mesh, self.batch_split)  # a prefix for every batch leaf
+    batch_sh = batch_sharding or mesh_lib.batch_sharding(self.mesh, self.batch_split)  # a prefix for every leaf
     jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
                      out_shardings=(state_sh, mesh_lib.replicated(self.mesh)),
                      donate_argnums=(0,) if donate else ())

@@ -11,6 +11,13 @@ running phase is on the device):
    with gradient) -> ``gen_update``;
 3. critic step every step: ``rollout`` (no gradient) -> ``critic_grads`` (teacher trunk) -> ``critic_update``;
 4. EMA of the generator trainables (every step before ``ema.start_step``, then on generator steps; spec 7.8).
+
+On a mesh (``config.mesh``, :class:`helios_jax.parallel.layout.TrainLayout`) both trunks, both trainables, their
+optimiser states and the EMA are split by the FSDP rule, each batch over ``data x fsdp``, and the phases run under
+``jax.set_mesh``: their inputs carry the shardings, and the phases that return a train-state-like tree (gradients,
+updates, EMA) or a batch-like array (rollout, cotangent) declare their output shardings, so gradients are
+reduce-scattered into the trainables' shards and the state never changes layout. Host offload keeps every array's
+sharding (``offload``), so it combines with a mesh.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ import optax
 from flax import nnx
 
 from helios_jax.errors import InputError
-from helios_jax.training import (ahd, data, ema as ema_lib, gan, loop, losses, lora, metrics,
-                                 offload, stages, state as state_lib)
+from helios_jax.parallel import mesh as mesh_lib
+from helios_jax.parallel.layout import TrainLayout
+from helios_jax.training import (ahd, data, ema as ema_lib, gan, loop, losses, lora, offload, stages,
+                                 state as state_lib)
 
 
 @dataclasses.dataclass
@@ -51,10 +60,15 @@ class Trunks:
     return getattr(self, name)
 
 
-def build_trunks(config):
-  """(graphdef, Trunks): the generator base and the teacher base (one object when they are the same weights)."""
+def build_trunks(config, layout: TrainLayout | None = None):
+  """(graphdef, Trunks): the generator base and the teacher base (one object when they are the same weights),
+  placed on ``layout``'s parameter shardings when given."""
+  place = (lambda t: t) if layout is None else layout.place
   model = stages.build_model(config.model)
   graphdef, frozen_gen = nnx.split(model)
+  arch = model.config.to_dict()
+  del model
+  frozen_gen = place(frozen_gen)
   t = config.teacher
   seed = int(config.model.init_seed) if int(t.init_seed) < 0 else int(t.init_seed)
   same = (t.pretrained or config.model.pretrained) == config.model.pretrained and (
@@ -66,9 +80,10 @@ def build_trunks(config):
     tcfg.pretrained = t.pretrained
     tcfg.init_seed = seed
     teacher = stages.build_model(tcfg)
-    if teacher.config.to_dict() != model.config.to_dict():
+    if teacher.config.to_dict() != arch:
       raise InputError("the teacher and the generator must have the same architecture (transformer config)")
-    frozen_teacher = nnx.split(teacher)[1]
+    frozen_teacher = place(nnx.split(teacher)[1])
+    del teacher
   return graphdef, Trunks(frozen_gen, frozen_teacher, bool(config.offload.idle_trunk_on_host))
 
 
@@ -78,24 +93,35 @@ def make_roles(config, graphdef) -> ahd.Roles:
                    head_groups=int(config.gan.head_groups), patch=(1, 2, 2))
 
 
-def init_state(config, trunks: Trunks, model_config, tx_gen, tx_critic) -> dict:
-  """The full train state: step, rng, both trainables with their optimiser states, EMA and its call count."""
+def init_state(config, trunks: Trunks, model_config, tx_gen, tx_critic, layout: TrainLayout | None = None) -> dict:
+  """The full train state: step, rng, both trainables with their optimiser states, EMA and its call count.
+
+  With ``layout`` every part is computed directly into its shardings (FSDP rule; scalars replicated).
+  """
   seed = int(config.seed)
-  gen = stages.init_trainable(trunks.gen, config.train, seed)
-  critic = stages.init_trainable(trunks.teacher, config.critic, seed + 1)
+  build = (lambda fn, *args: fn(*args)) if layout is None else layout.init
+  gen = build(lambda f: stages.init_trainable(f, config.train, seed), trunks.gen)
+  critic = build(lambda f: stages.init_trainable(f, config.critic, seed + 1), trunks.teacher)
   critic["heads"] = {}
   if config.gan.enabled:
     g = config.gan
-    critic["heads"] = gan.init_heads(jax.random.key(seed + 2), num_hooks=len(g.hooks), hidden_dim=model_config.inner_dim,
-                                     out_channels=model_config.out_channels, width=int(g.head_width),
-                                     groups=int(g.head_groups), use_hooks=bool(g.use_hooks), use_final=bool(g.use_final))
+    critic["heads"] = build(lambda: gan.init_heads(
+        jax.random.key(seed + 2), num_hooks=len(g.hooks), hidden_dim=model_config.inner_dim,
+        out_channels=model_config.out_channels, width=int(g.head_width), groups=int(g.head_groups),
+        use_hooks=bool(g.use_hooks), use_final=bool(g.use_final)))
   host_opt = bool(config.offload.optimizer_on_host)
-  out = dict(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(seed)),
-             gen=dict(trainable=gen, opt_state=offload.init_on_host(tx_gen.init, gen, host_opt)),
-             critic=dict(trainable=critic, opt_state=offload.init_on_host(tx_critic.init, critic, host_opt)))
+
+  def opt_init(tx, params):
+    if host_opt:
+      return offload.init_on_host(tx.init, params, shardings=None if layout is None else layout.shardings)
+    return build(tx.init, params)
+
+  out = build(lambda: dict(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(seed))))
+  out.update(gen=dict(trainable=gen, opt_state=opt_init(tx_gen, gen)),
+             critic=dict(trainable=critic, opt_state=opt_init(tx_critic, critic)))
   if config.ema.enabled:
-    out["ema"] = offload.copy_to_host(gen, bool(config.offload.ema_on_host))
-    out["ema_count"] = jnp.zeros((), jnp.int32)
+    out["ema"] = offload.copy_to_host(gen, bool(config.offload.ema_on_host))  # jnp.copy keeps the sharding
+    out["ema_count"] = build(lambda: jnp.zeros((), jnp.int32))
   return out
 
 
@@ -119,9 +145,14 @@ def split_batch(batch: dict) -> tuple[dict, dict]:
 
 
 class Phases:
-  """The jitted phases of one AHD step (static: schedules, the GAN switch, the amplify flag)."""
+  """The jitted phases of one AHD step (static: schedules, the GAN switch, the amplify flag).
 
-  def __init__(self, config, roles: ahd.Roles, tx_gen, tx_critic, chunk_shape: tuple):
+  With ``layout`` and an example ``state`` (:func:`init_state`'s, same layout) the phases declare their output
+  shardings (module docstring); call them under ``jax.set_mesh(layout.mesh)``.
+  """
+
+  def __init__(self, config, roles: ahd.Roles, tx_gen, tx_critic, chunk_shape: tuple,
+               layout: TrainLayout | None = None, state: dict | None = None):
     self.config, self.roles = config, roles
     self.tx_gen, self.tx_critic = tx_gen, tx_critic
     d = config.dmd
@@ -178,18 +209,35 @@ class Phases:
       def apply_update(trainable, opt_state, grads):
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state
-      return jax.jit(apply_update, donate_argnums=(0, 1, 2))
+      return apply_update
 
+    out = {} if layout is None else output_shardings(layout, state, chunk_shape[0])
+    jit = lambda fn, name, **kw: jax.jit(fn, **kw, **({"out_shardings": out[name]} if name in out else {}))
     ec = config.ema
     self.prepare = jax.jit(prepare)
-    self.rollout = jax.jit(rollout, static_argnums=(4,))
-    self.score = jax.jit(score, static_argnums=(6,))
-    self.gen_grads = jax.jit(gen_grads, static_argnums=(5,))
-    self.critic_grads = jax.jit(critic_grads, static_argnums=(6,))
-    self.gen_update = update(tx_gen)
-    self.critic_update = update(tx_critic)
-    self.ema = jax.jit(lambda e, p, n: ema_lib.ema_update(e, p, n, int(ec.start_step), float(ec.decay)),
-                       donate_argnums=(0,))
+    self.rollout = jit(rollout, "rollout", static_argnums=(4,))
+    self.score = jit(score, "score", static_argnums=(6,))
+    self.gen_grads = jit(gen_grads, "gen_grads", static_argnums=(5,))
+    self.critic_grads = jit(critic_grads, "critic_grads", static_argnums=(6,))
+    self.gen_update = jit(update(tx_gen), "gen_update", donate_argnums=(0, 1, 2))
+    self.critic_update = jit(update(tx_critic), "critic_update", donate_argnums=(0, 1, 2))
+    self.ema = jit(lambda e, p, n: ema_lib.ema_update(e, p, n, int(ec.start_step), float(ec.decay)), "ema",
+                   donate_argnums=(0,))
+
+
+def output_shardings(layout: TrainLayout, state: dict, batch: int) -> dict:
+  """Declared output shardings of the phases on ``layout``: state-like trees (gradients, updated trainables and
+  optimiser states, EMA) on the FSDP rule, batch-like arrays over ``data x fsdp``, metrics replicated."""
+  sh, rep = layout.shardings, mesh_lib.replicated(layout.mesh)
+  xs = layout.batch_sharding(batch)  # a prefix: the leading (batch) axis of any rank
+  gen, critic = state["gen"], state["critic"]
+  out = dict(rollout=xs, score=(xs, rep), gen_grads=(sh(gen["trainable"]), rep),
+             critic_grads=(sh(critic["trainable"]), rep),
+             gen_update=(sh(gen["trainable"]), sh(gen["opt_state"])),
+             critic_update=(sh(critic["trainable"]), sh(critic["opt_state"])))
+  if "ema" in state:
+    out["ema"] = sh(state["ema"])
+  return out
 
 
 def train_step(ph: Phases, trunks: Trunks, state: dict, batch: dict, negative, step: int) -> tuple[dict, dict]:
@@ -237,34 +285,38 @@ def train_step(ph: Phases, trunks: Trunks, state: dict, batch: dict, negative, s
 def train(config, workdir: str, progress: bool = True) -> dict:
   """Runs (or resumes) the DMD loop in ``workdir`` (same contract as :func:`helios_jax.training.trainer.train`)."""
   from helios_jax.training.trainer import export_merged, make_source
-  graphdef, trunks = build_trunks(config)
+  layout = TrainLayout.from_config(config)  # config.mesh; one device when absent
+  graphdef, trunks = build_trunks(config, layout)
   model_config = nnx.merge(graphdef, trunks.gen).config
   roles = make_roles(config, graphdef)
   tx_gen, _ = state_lib.make_optimizer(config.optim)
   tx_critic, _ = state_lib.make_optimizer(config.critic_optim)
   state, ckpt, resumed_from, start, save_state = loop.open_run(
-      config, workdir, init_state(config, trunks, model_config, tx_gen, tx_critic))
+      config, workdir, init_state(config, trunks, model_config, tx_gen, tx_critic, layout))
 
   source = make_source(config)
   prefetch = data.Prefetcher(source, start, int(config.batch_size), int(config.data.seed),
                              batch_fn=data.get_pair_batch)
-  negative = jnp.asarray(negative_embeds(config))
-  writer = metrics.MetricsWriter(workdir)
+  negative = mesh_lib.place(negative_embeds(config), mesh_lib.replicated(layout.mesh))
+  writer = loop.metrics_writer(workdir)
   total = int(config.total_steps)
   holder = dict(state=state, phases=None)
 
   def do_step(step, batch):
+    batch = layout.place_batch(batch)
     if holder["phases"] is None:
-      holder["phases"] = Phases(config, roles, tx_gen, tx_critic, batch["target"].shape)
+      holder["phases"] = Phases(config, roles, tx_gen, tx_critic, batch["target"].shape, layout, holder["state"])
     new, m = train_step(holder["phases"], trunks, holder["state"], batch, negative, step)
     return m, lambda: holder.__setitem__("state", new)
 
   try:
-    losses_, stopped, _ = loop.run(start=start, total=total, next_batch=lambda: prefetch.next()[1], do_step=do_step,
-                                   save=lambda: save_state(holder["state"]), writer=writer, log_every=int(config.log_every),
-                                   checkpoint_every=int(config.checkpoint.every), checkpoint_dir=ckpt.directory,
-                                   last_saved=resumed_from, progress=progress, desc="train ahd",
-                                   loss_key="critic_loss")
+    with jax.set_mesh(layout.mesh):
+      losses_, stopped, _ = loop.run(start=start, total=total, next_batch=lambda: prefetch.next()[1],
+                                     do_step=do_step, save=lambda: save_state(holder["state"]), writer=writer,
+                                     log_every=int(config.log_every), checkpoint_every=int(config.checkpoint.every),
+                                     checkpoint_dir=ckpt.directory, last_saved=resumed_from,
+                                     progress=progress and jax.process_index() == 0, desc="train ahd",
+                                     loss_key="critic_loss")
   finally:
     prefetch.close()
     writer.close()

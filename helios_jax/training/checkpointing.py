@@ -14,8 +14,9 @@ import orbax.checkpoint as ocp
 from helios_jax.errors import CheckpointError
 
 # Fields that may change between an interrupted run and its resumption.
-# ``mesh``: a run saved on one mesh resumes on another (orbax reshards into the template's shardings).
-RESUMABLE_CHANGES = ("total_steps", "checkpoint", "log_every", "export_merged", "mesh")
+# ``mesh``: a run saved on one mesh resumes on another (orbax reshards into the template's shardings);
+# ``offload`` (stage 3): where arrays live between phases, also taken from the template on restore.
+RESUMABLE_CHANGES = ("total_steps", "checkpoint", "log_every", "export_merged", "mesh", "offload")
 
 
 class Checkpointer:

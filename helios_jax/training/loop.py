@@ -15,7 +15,7 @@ from typing import Callable
 
 import jax
 
-from helios_jax.training import checkpointing
+from helios_jax.training import checkpointing, metrics
 from helios_jax.training.trainer import TrainingError, _StopFlag, config_json
 
 
@@ -32,14 +32,21 @@ def open_run(config, workdir: str, state: dict):
   if resumed_from is not None:
     state, meta = ckpt.restore(state)
     checkpointing.check_config_compatible(meta.get("config", {}), cfg_json)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(cfg_json, f, indent=2)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(cfg_json, f, indent=2)
 
   def save(s):
     step = int(jax.device_get(s["step"]))
     return ckpt.save(s, dict(seed=int(config.seed), data_position=step, config=cfg_json))
 
   return state, ckpt, resumed_from, int(jax.device_get(state["step"])), save
+
+
+def metrics_writer(workdir: str) -> metrics.MetricsWriter:
+  """Process 0 logs to ``workdir``; in a multi-host run the others keep their own ``workdir/process_<i>``."""
+  i = jax.process_index()
+  return metrics.MetricsWriter(workdir if i == 0 else os.path.join(workdir, f"process_{i}"))
 
 
 def run(*, start: int, total: int, next_batch: Callable[[], dict], do_step: Callable, save: Callable[[], int],

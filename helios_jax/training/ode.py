@@ -16,6 +16,11 @@ has no tensorflow-datasets; a folder of npz files needs nothing but NumPy and is
 Training (spec 7.4): per step pick ``sections_per_step`` sorted sections; for each and each stage a random
 recorded latent z_j at t_j; loss ``weight * mean_terms 0.5 mean((z_j - s_j G(z_j, t_j) - end)^2)`` with the history
 built from the teacher's final chunks (anchor = first latent of chunk 0). No corruption, no drops.
+
+Mesh (``config.mesh``): the frozen base, trainables, optimiser state and EMA are split by the FSDP rule and the
+step is jitted with declared shardings (:meth:`helios_jax.parallel.layout.TrainLayout.jit_step`); pair generation
+and training run under ``jax.set_mesh`` (sequence-parallel attention with ``mesh.sequence > 1``). A step's batch
+is one prompt (``batch_size`` is not used), so it is replicated: ``fsdp`` saves memory, ``data`` adds nothing.
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ import optax
 from flax import nnx
 
 from helios_jax.errors import InputError
+from helios_jax.parallel import mesh as mesh_lib
+from helios_jax.parallel.layout import TrainLayout
 from helios_jax.pipelines.history import downsample_2x, upsample_nearest_2x
 from helios_jax.schedulers.dmd import HeliosDMDScheduler
 from helios_jax.schedulers.helios import calculate_shift
-from helios_jax.training import ahd, data, ema as ema_lib, loop, lora, losses, metrics, stages
+from helios_jax.training import ahd, data, ema as ema_lib, loop, lora, losses, stages
 from helios_jax.training import state as state_lib
 
 HISTORY = data.HISTORY_FRAMES
@@ -212,15 +219,20 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   """Phase 5: generates missing ODE pairs, then ODE-regresses the student (LoRA on the same frozen base)."""
   from helios_jax.training.ahd_trainer import negative_embeds
   from helios_jax.training.trainer import export_merged
-  model = stages.build_model(config.model)
-  graphdef, frozen = nnx.split(model)
-  files = ensure_pairs(config, graphdef, frozen, negative_embeds(config))
+  layout = TrainLayout.from_config(config, check_batch=False)  # the batch is one prompt, replicated
+  graphdef, frozen = nnx.split(stages.build_model(config.model))
+  frozen = layout.place(frozen)
+  with jax.set_mesh(layout.mesh):
+    files = ensure_pairs(config, graphdef, frozen, negative_embeds(config))
   tx, schedule = state_lib.make_optimizer(config.optim)
-  state = state_lib.init_train_state(stages.init_trainable(frozen, config.train, int(config.seed)), tx,
-                                     int(config.seed))
-  if config.ema.enabled:
-    state["ema"] = jax.tree.map(jnp.copy, state["trainable"])
-  state, ckpt, resumed_from, start, save_state = loop.open_run(config, workdir, state)
+
+  def init(f):
+    st = state_lib.init_train_state(stages.init_trainable(f, config.train, int(config.seed)), tx, int(config.seed))
+    if config.ema.enabled:
+      st["ema"] = jax.tree.map(jnp.copy, st["trainable"])
+    return st
+
+  state, ckpt, resumed_from, start, save_state = loop.open_run(config, workdir, layout.init(init, frozen))
   scale = stages.lora_scale(config.train)
   e = config.ema
 
@@ -234,8 +246,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
       new["ema"] = ema_lib.ema_update(st["ema"], new["trainable"], st["step"] + 1, int(e.start_step), float(e.decay))
     return new, dict(ode_loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(st["step"]))
 
-  step_jit = jax.jit(step_fn, donate_argnums=(0,))
-  writer = metrics.MetricsWriter(workdir)
+  step_jit = layout.jit_step(step_fn, state, frozen, batch_sharding=mesh_lib.replicated(layout.mesh))
+  writer = loop.metrics_writer(workdir)
   holder = dict(state=state, next=start)
 
   def next_batch():
@@ -244,14 +256,17 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     return b
 
   def do_step(step, batch):
-    new, m = step_jit(holder["state"], frozen, batch)
+    new, m = step_jit(holder["state"], frozen, layout.place_batch(batch))
     return m, lambda: holder.__setitem__("state", new)
 
   try:
-    losses_, stopped, _ = loop.run(start=start, total=int(config.total_steps), next_batch=next_batch, do_step=do_step,
-                                   save=lambda: save_state(holder["state"]), writer=writer, log_every=int(config.log_every),
-                                   checkpoint_every=int(config.checkpoint.every), checkpoint_dir=ckpt.directory,
-                                   last_saved=resumed_from, progress=progress, desc="train ode", loss_key="ode_loss")
+    with jax.set_mesh(layout.mesh):
+      losses_, stopped, _ = loop.run(start=start, total=int(config.total_steps), next_batch=next_batch,
+                                     do_step=do_step, save=lambda: save_state(holder["state"]), writer=writer,
+                                     log_every=int(config.log_every), checkpoint_every=int(config.checkpoint.every),
+                                     checkpoint_dir=ckpt.directory, last_saved=resumed_from,
+                                     progress=progress and jax.process_index() == 0, desc="train ode",
+                                     loss_key="ode_loss")
   finally:
     writer.close()
     ckpt.close()

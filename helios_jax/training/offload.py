@@ -69,12 +69,20 @@ def swap(outgoing, incoming):
   return jax.tree.unflatten(out_def, out_leaves), jax.tree.unflatten(in_def, in_leaves)
 
 
-def init_on_host(init, params, enabled: bool = True):
+def init_on_host(init, params, enabled: bool = True, shardings=None):
   """``init(params)`` for an optimiser whose initial state is all zeros (optax clip + AdamW: counts, moments),
-  built leaf by leaf in host memory so the device never holds the whole state at once."""
+  built leaf by leaf in host memory so the device never holds the whole state at once.
+
+  ``shardings``: optional callable, abstract state -> ``Sharding`` pytree (a mesh layout's rule); each leaf is
+  then created in its shards and keeps them on the host.
+  """
   if not enabled:
     return init(params)
-  return jax.tree.map(lambda a: to_host(jnp.zeros(a.shape, a.dtype)), jax.eval_shape(init, params))
+  abstract = jax.eval_shape(init, params)
+  leaves, treedef = jax.tree.flatten(abstract)
+  where = [None] * len(leaves) if shardings is None else jax.tree.leaves(shardings(abstract))
+  return jax.tree.unflatten(treedef, [to_host(jnp.zeros(a.shape, a.dtype, device=s), donate=True)
+                                      for a, s in zip(leaves, where)])
 
 
 def copy_to_host(tree, enabled: bool = True):
