@@ -85,7 +85,8 @@ class TrainLayout:
       batch_sharding: one sharding for every batch leaf; default: leading axis over ``data x fsdp``.
     """
     state_sh, frozen_sh = self.shardings(state), self.shardings(frozen)
-    batch_sh = batch_sharding or mesh_lib.batch_sharding(self.mesh, self.batch_split)  # a prefix for every leaf
+    batch_sh = (mesh_lib.batch_sharding(self.mesh, self.batch_split) if batch_sharding is None
+                else batch_sharding)  # a prefix for every batch leaf
     jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
                      out_shardings=(state_sh, mesh_lib.replicated(self.mesh)),
                      donate_argnums=(0,) if donate else ())
