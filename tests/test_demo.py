@@ -274,3 +274,20 @@ def test_quality_metrics_measure_a_known_shift():
   curves = demo_quality.per_chunk([shifted], 2)
   assert len(curves["pos_err"]) == 2 and curves["detect_rate"][0] > 0.9
   assert demo_quality.slope([1.0, 3.0, 5.0]) == pytest.approx(2.0)
+
+
+def test_conditioning_variants_change_only_their_input():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import demo_conditioning
+  rng = np.random.default_rng(0)
+  batch = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in
+           dict(x0=(3, 2, 1, 4, 4), history=(3, 2, 19, 4, 4), target=(3, 2, 9, 4, 4), prompt_embeds=(3, 5, 6)).items()}
+  changed = {name: {k for k in batch if not np.array_equal(demo_conditioning.variant_batch(batch, name)[k], batch[k])}
+             for name in demo_conditioning.VARIANTS}
+  assert changed == dict(true=set(), no_history={"x0", "history"}, other_caption={"prompt_embeds"},
+                         zero_caption={"prompt_embeds"})
+  swapped = np.asarray(demo_conditioning.variant_batch(batch, "other_caption")["prompt_embeds"])
+  np.testing.assert_array_equal(swapped[1], np.asarray(batch["prompt_embeds"])[0])
+  assert not np.asarray(demo_conditioning.variant_batch(batch, "no_history")["history"]).any()
+  with pytest.raises(ValueError):
+    demo_conditioning.variant_batch(batch, "nothing")
