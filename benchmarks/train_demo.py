@@ -200,16 +200,18 @@ def run(args) -> dict:
   # 4. transformer stages
   trained = {}
   reused_mid = _reusable(args.reuse, "mid")
+  reused_base = _reusable(args.reuse, "base")  # lets Mid train in a later call than its Base
   for name in ("base", "mid", "base_nocorrupt", "ode", "ahd"):
     if name not in stages:
       continue
     mid = trained.get("mid") or reused_mid
     if name == "mid":
-      if "base" not in trained:
-        _log("mid needs base in the same run; skipped")
+      base = trained.get("base") or reused_base
+      if not base:
+        _log("mid needs a Base: add 'base' to --stages or --reuse an assembled Base folder; skipped")
         continue
       cfg = demo_mid.get_config(variant)
-      cfg.model.pretrained = trained["base"]
+      cfg.model.pretrained = base
     elif name in ("ode", "ahd"):
       if not mid or (name == "ahd" and "ode" not in trained):
         _log(f"{name} needs {'the ode stage and ' if name == 'ahd' else ''}a Mid transformer; skipped")
@@ -342,7 +344,8 @@ def main(argv=None) -> int:
   p.add_argument("--quick", action="store_true", help="CPU dry run: :tiny configs, a few steps")
   p.add_argument("--stages", default="vae,base,mid",
                  help="comma list of vae, base, mid, base_nocorrupt, ode, ahd (ode + ahd = the distilled model; "
-                      "without mid in the run they distil the --reuse folder's Mid)")
+                      "without mid in the run they distil the --reuse folder's Mid; mid without base starts from "
+                      "the --reuse folder's Base)")
   p.add_argument("--reuse", default=DEFAULT_MODEL,
                  help="pipeline folder whose vae/ text_encoder/ tokenizer/ are reused when 'vae' is not a stage")
   p.add_argument("--budget", action="append", metavar="STAGE=SECONDS", help="override a stage's budget")
