@@ -56,6 +56,15 @@ def tree_bytes_in(tree, kind: str) -> int:
                  if isinstance(x, jax.Array) and (x.sharding.memory_kind or "device") == kind))
 
 
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+  """A progress line with the time since start-up and the device peak so far (a slow 14B run shows where it is)."""
+  peak = (device_stats().get("peak_bytes_in_use", 0)) / GIB
+  print(f"[{time.perf_counter() - _T0:7.1f} s | peak {peak:6.2f} GiB] {msg}", flush=True)
+
+
 def device_stats() -> dict:
   return jax.local_devices()[0].memory_stats() or {}
 
@@ -65,17 +74,27 @@ class Recorded:
 
   def __init__(self, name: str, fn, static: tuple[int, ...], sink: dict):
     self.name, self.fn, self.static, self.sink, self.compiled = name, fn, static, sink, {}
+    self.timing: dict | None = None  # phase -> seconds, filled during the timed iteration
 
   def __call__(self, *args):
     key = tuple(args[i] for i in self.static)
     if key not in self.compiled:
+      t = time.perf_counter()
+      log(f"compiling {self.name}{list(key) if key else ''} ...")
       self.compiled[key] = self.fn.lower(*args).compile()
+      log(f"compiled {self.name}{list(key) if key else ''} in {time.perf_counter() - t:.1f} s")
       ma = self.compiled[key].memory_analysis()
       if ma is not None:
         self.sink[f"{self.name}{list(key) if key else ''}"] = dict(
             temp_gib=round(ma.temp_size_in_bytes / GIB, 3), argument_gib=round(ma.argument_size_in_bytes / GIB, 3),
             output_gib=round(ma.output_size_in_bytes / GIB, 3))
-    return self.compiled[key](*[a for i, a in enumerate(args) if i not in self.static])
+    if self.timing is None:
+      return self.compiled[key](*[a for i, a in enumerate(args) if i not in self.static])
+    t = time.perf_counter()  # the timed iteration: each phase waited for, to split the step time
+    out = jax.block_until_ready(self.compiled[key](*[a for i, a in enumerate(args) if i not in self.static]))
+    label = f"{self.name}{list(key) if key else ''}_s"
+    self.timing[label] = round(self.timing.get(label, 0.0) + time.perf_counter() - t, 3)
+    return out
 
 
 def build_trunk(model_cfg, seed: int):
@@ -121,6 +140,7 @@ def main():
   p.add_argument("--shared-trunk", action="store_true", help="generator base == teacher base (one frozen trunk)")
   p.add_argument("--offload", dest="offload", action="store_true", default=None)
   p.add_argument("--no-offload", dest="offload", action="store_false")
+  p.add_argument("--iterations", type=int, default=3, help="generator+critic iterations; the last one is timed")
   p.add_argument("--out", default="benchmarks/results")
   args = p.parse_args()
 
@@ -154,54 +174,71 @@ def main():
   batch = {k: v.astype(np.float32) for k, v in batch.items()}
   negative = jnp.zeros((d.text_len, d.text_dim), jnp.float32)
 
+  log("built the example batch")
   phases = ahd_trainer.Phases(config, roles, tx_gen, tx_critic, shape)
   analysis: dict = {}
   for name, static in STATIC_ARGNUMS.items():
     setattr(phases, name, Recorded(name, getattr(phases, name), static, analysis))
 
-  times, step_metrics = [], {}
-  ratio = int(config.dmd.update_ratio)
-  for step in (0, ratio, 2 * ratio):  # three generator+critic iterations; the last is timed
-    t = time.perf_counter()
-    state, m = ahd_trainer.train_step(phases, trunks, state, batch, negative, step)
-    jax.block_until_ready(state)
-    times.append(time.perf_counter() - t)
-    step_metrics = {k: float(v) for k, v in m.items()}
-    print(f"iteration {len(times)}: {times[-1]:.2f} s, peak {device_stats().get('peak_bytes_in_use', 0) / GIB:.2f} "
-          f"GiB, {json.dumps({k: round(v, 4) for k, v in step_metrics.items()})}", flush=True)
-
-  stats = device_stats()
-  peak = stats.get("peak_bytes_in_use", 0) / GIB
-  opt = (state["gen"]["opt_state"], state["critic"]["opt_state"])
-  breakdown = dict(
-      trunks_gib=round(trunk_bytes / GIB, 3),
-      generator_trainable_gib=round(tree_bytes(state["gen"]["trainable"]) / GIB, 3),
-      critic_lora_gib=round(tree_bytes({k: state["critic"]["trainable"][k] for k in ("lora", "full")}) / GIB, 3),
-      gan_heads_gib=round(tree_bytes(state["critic"]["trainable"]["heads"]) / GIB, 3),
-      optimizer_gib=round(tree_bytes(opt) / GIB, 3),
-      optimizer_on_device_gib=round(tree_bytes_in(opt, "device") / GIB, 3),
-      ema_gib=round(tree_bytes(state.get("ema", {})) / GIB, 3),
-      host_resident_gib=round(tree_bytes_in((opt, state.get("ema", {}), trunks.gen, trunks.teacher),
-                                            offload.HOST) / GIB, 3),
-      bytes_in_use_after_build_gib=round(after_build / GIB, 3),
-      phase_memory=analysis)
+  log(f"built trunks, trainables, optimizer state and EMA in {build_s:.1f} s "
+      f"({after_build / GIB:.2f} GiB on the device)")
   settings = dict(arch=args.arch, dtype=config.model.dtype, latent=[d.height, d.width], chunk=9, history=[16, 2, 1],
                   batch=1, lora_rank=int(config.train.lora_rank), remat=config.model.remat_policy,
                   shared_trunk=bool(args.shared_trunk), gan_hooks=list(config.gan.hooks),
                   gan_head_width=int(config.gan.head_width), rollout_steps=list(config.dmd.rollout_steps),
                   offload=dict(config.offload.to_dict()), num_layers=mcfg.num_layers, dim=mcfg.inner_dim)
-  rec = dict(kind="ahd_memory", device=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__,
-             peak_gib=round(peak, 3), target_gib=TARGET_GIB, fits_target=bool(peak <= TARGET_GIB),
-             step_s=round(times[-1], 3), compile_s=round(times[0] - times[-1], 3), build_s=round(build_s, 3),
-             iteration_s=[round(t, 3) for t in times],
-             metrics=step_metrics, breakdown=breakdown, settings=settings,
-             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-  print(json.dumps(rec), flush=True)
   name = f"ahd_memory_{args.arch}_{'shared' if args.shared_trunk else 'two'}_trunk.json"
-  for folder in {args.out, os.environ.get("OUT") or args.out}:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-      json.dump(rec, f, indent=1)
+
+  def write_record(times, step_metrics, phase_s):
+    """Written after every iteration, so a run cut short by its time limit still leaves what it measured."""
+    peak = device_stats().get("peak_bytes_in_use", 0) / GIB
+    opt = (state["gen"]["opt_state"], state["critic"]["opt_state"])
+    breakdown = dict(
+        trunks_gib=round(trunk_bytes / GIB, 3),
+        generator_trainable_gib=round(tree_bytes(state["gen"]["trainable"]) / GIB, 3),
+        critic_lora_gib=round(tree_bytes({k: state["critic"]["trainable"][k] for k in ("lora", "full")}) / GIB, 3),
+        gan_heads_gib=round(tree_bytes(state["critic"]["trainable"]["heads"]) / GIB, 3),
+        optimizer_gib=round(tree_bytes(opt) / GIB, 3),
+        optimizer_on_device_gib=round(tree_bytes_in(opt, "device") / GIB, 3),
+        ema_gib=round(tree_bytes(state.get("ema", {})) / GIB, 3),
+        host_resident_gib=round(tree_bytes_in((opt, state.get("ema", {}), trunks.gen, trunks.teacher),
+                                              offload.HOST) / GIB, 3),
+        bytes_in_use_after_build_gib=round(after_build / GIB, 3),
+        phase_memory=analysis)
+    rec = dict(kind="ahd_memory", device=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__,
+               peak_gib=round(peak, 3), target_gib=TARGET_GIB, fits_target=bool(peak <= TARGET_GIB),
+               step_s=round(times[-1], 3) if len(times) > 1 else None,
+               compile_s=round(times[0] - times[-1], 3) if len(times) > 1 else None, build_s=round(build_s, 3),
+               iteration_s=[round(t, 3) for t in times], phase_s=phase_s,
+               metrics=step_metrics, breakdown=breakdown, settings=settings,
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    for folder in {args.out, os.environ.get("OUT") or args.out}:
+      os.makedirs(folder, exist_ok=True)
+      with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+        json.dump(rec, f, indent=1)
+    return rec
+
+  times, rec = [], None
+  ratio = int(config.dmd.update_ratio)
+  steps = [i * ratio for i in range(args.iterations)]  # generator+critic iterations; the last is timed
+  for i, step in enumerate(steps):
+    timed = i == len(steps) - 1 and i > 0
+    for name_ in STATIC_ARGNUMS:
+      getattr(phases, name_).timing = {} if timed else None
+    t = time.perf_counter()
+    state, m = ahd_trainer.train_step(phases, trunks, state, batch, negative, step)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - t)
+    step_metrics = {k: float(v) for k, v in m.items()}
+    phase_s = {}
+    if timed:
+      for name_ in STATIC_ARGNUMS:
+        phase_s.update(getattr(phases, name_).timing)
+      phase_s["other_s"] = round(times[-1] - sum(phase_s.values()), 3)  # trunk swaps, optimizer/EMA moves, updates
+    log(f"iteration {len(times)} (step {step}): {times[-1]:.2f} s, "
+        f"{json.dumps({k: round(v, 4) for k, v in step_metrics.items()})}" + (f", phases {phase_s}" if timed else ""))
+    rec = write_record(times, step_metrics, phase_s)
+  print(json.dumps(rec), flush=True)
 
 
 if __name__ == "__main__":
