@@ -275,7 +275,9 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
   steps = sorted(int(s) for s in os.listdir(os.path.join(tmp_path, "checkpoints")))
   assert steps, "no checkpoint kept"
   rows = metrics.read_metrics(str(tmp_path))
-  assert all(np.isfinite(r["loss"]) for r in rows[:-1]) and not np.isfinite(float(rows[-1]["loss"]))
+  finite = lambda r: all(np.isfinite(float(v)) for v in r.values())
+  assert all(finite(r) for r in rows[:-1]) and not finite(rows[-1])  # the bad step's row is logged
+  assert steps[-1] == rows[-1]["step"] - 1  # checkpoint.every = 1: the last good step is kept
 
 
 def test_synthetic_is_deterministic():

@@ -1,5 +1,5 @@
-"""Training extras on the CPU: per-layer LoRA in the block scan, TensorBoard metrics, validation sampling, the
-train-memory benchmark's dry run."""
+"""Training extras on the CPU: per-layer LoRA in the block scan, TensorBoard metrics, the step loop's hooks and
+non-finite stop, validation sampling, the train-memory benchmark's dry run."""
 
 from __future__ import annotations
 
@@ -118,6 +118,56 @@ def test_metrics_go_to_tensorboard(tmp_path):
     np.testing.assert_allclose([v for _, v in tb[k]], np.float32([v for _, v in pairs]), rtol=1e-7)
   assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [1, 2, 3]
 
+
+
+class _Recorder:
+  """A fake run for ``loop.run``: ``do_step`` returns ``values(step)``; every call is recorded in ``events``."""
+
+  def __init__(self, values):
+    self.values, self.state, self.events = values, 0, []
+
+  def write(self, step, row):
+    self.events.append(("write", step, dict(row)))
+
+  def do_step(self, step, batch):
+    return self.values(step), lambda: setattr(self, "state", step + 1)
+
+  def save(self):
+    self.events.append(("save", self.state))
+    return self.state
+
+  def run(self, total, checkpoint_every, **hooks):
+    from helios_jax.training import loop
+    return loop.run(start=0, total=total, next_batch=dict, do_step=self.do_step, save=self.save, writer=self,
+                    log_every=2, checkpoint_every=checkpoint_every, checkpoint_dir="CKPT", last_saved=None,
+                    progress=False, desc="test", loss_key="loss", **hooks)
+
+
+def test_loop_hooks_log_and_after_step_order():
+  r = _Recorder(lambda step: dict(loss=1.0 / (step + 1)))
+  losses_, stopped, last = r.run(5, 2, extra_metrics=lambda m: dict(double=2 * m["loss"]),
+                                 after_step=lambda n: r.events.append(("after", n)))
+  assert (losses_, stopped, last) == ([1.0, 0.5, 1 / 3, 0.25, 0.2], None, 5)
+  writes = [e for e in r.events if e[0] == "write"]
+  assert [e[1] for e in writes] == [2, 4, 5]  # every log_every steps and the last
+  assert all(set(e[2]) == {"loss", "step_time", "double"} and e[2]["double"] == 2 * e[2]["loss"] for e in writes)
+  order = [e[:2] for e in r.events if e[0] != "write"]
+  assert order == [("after", 1), ("save", 2), ("after", 2), ("after", 3), ("save", 4), ("after", 4), ("after", 5),
+                   ("save", 5)]  # a due checkpoint comes before the hook; the final save last
+
+
+def test_loop_stops_on_any_non_finite_metric():
+  from helios_jax.training.loop import TrainingError
+  r = _Recorder(lambda step: dict(loss=0.5, grad_norm=float("inf") if step == 2 else 1.0))
+  with pytest.raises(TrainingError, match=r"step 3 \(grad_norm=inf\); stopping, the last good checkpoint \(step 2\)"):
+    r.run(5, 2, after_step=lambda n: r.events.append(("after", n)))
+  assert r.state == 2  # the bad step is not committed ...
+  assert r.events[-1][:2] == ("write", 3) and r.events[-1][2]["grad_norm"] == float("inf")  # ... but logged
+  assert [e for e in r.events if e[0] in ("save", "after")][-1] == ("after", 2)  # nothing saved after it
+  r = _Recorder(lambda step: dict(loss=float("nan")))
+  with pytest.raises(TrainingError, match="no checkpoint was written yet in CKPT"):
+    r.run(5, 10)
+  assert r.state == 0 and not any(e[0] == "save" for e in r.events)
 
 
 def _tiny_validation(cfg, **overrides):

@@ -1,7 +1,7 @@
-"""The generic step loop of the stage-3 trainers: stop on SIGTERM/Ctrl-C, stop on non-finite values, log, save.
+"""The generic step loop of every trainer: stop on SIGTERM/Ctrl-C, stop on non-finite values, log, save.
 
 The caller owns the train state; ``do_step(step, batch)`` returns ``(metrics, commit)`` and ``commit()`` makes the
-new state current: it is only called once every metric is finite, so the last good state is what gets saved.
+new state current: it is only called once every metric is finite, so a non-finite state is never current or saved.
 """
 
 from __future__ import annotations
@@ -10,13 +10,41 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from typing import Callable
 
 import jax
 
+from helios_jax.errors import HeliosError
 from helios_jax.training import checkpointing, metrics
-from helios_jax.training.trainer import TrainingError, _StopFlag, config_json
+
+
+class TrainingError(HeliosError):
+  """Training cannot continue (e.g. the loss became NaN)."""
+
+
+class _StopFlag:
+  """Set by SIGTERM / SIGINT; the loop saves a checkpoint and returns at the next step boundary."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._old[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # second Ctrl-C: give up immediately
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
 
 
 def open_run(config, workdir: str, state: dict):
@@ -26,7 +54,7 @@ def open_run(config, workdir: str, state: dict):
   the run's metadata (seed, data position = step, config).
   """
   os.makedirs(workdir, exist_ok=True)
-  cfg_json = config_json(config)
+  cfg_json = json.loads(config.to_json_best_effort())
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.keep)
   resumed_from = ckpt.latest_step()
   if resumed_from is not None:
@@ -51,8 +79,21 @@ def metrics_writer(workdir: str) -> metrics.MetricsWriter:
 
 def run(*, start: int, total: int, next_batch: Callable[[], dict], do_step: Callable, save: Callable[[], int],
         writer, log_every: int, checkpoint_every: int, checkpoint_dir: str, last_saved, progress: bool,
-        desc: str, loss_key: str) -> tuple[list[float], str | None, int | None]:
-  """Runs steps ``start .. total - 1``. Returns (values of ``loss_key`` per step, stop signal name, last saved)."""
+        desc: str, loss_key: str, extra_metrics: Callable[[dict], dict] | None = None,
+        after_step: Callable[[int], None] | None = None) -> tuple[list[float], str | None, int | None]:
+  """Runs steps ``start .. total - 1``. Returns (values of ``loss_key`` per step, stop signal name, last saved).
+
+  Every step's metrics (plus ``step_time``, seconds) are checked; every ``log_every`` steps and at the last step
+  they go to ``writer`` together with ``extra_metrics(metrics)`` (e.g. tokens/s). After a committed step, and its
+  checkpoint when one is due, ``after_step(steps_done)`` runs (e.g. validation sampling). A checkpoint is written
+  every ``checkpoint_every`` steps and at the end, also when SIGTERM/SIGINT stopped the loop (at a step boundary).
+
+  Non-finite metrics (any of them, not only the loss: an infinite gradient norm already poisons the new state) stop
+  the run: their row is logged, nothing of that step is committed or saved and :class:`TrainingError` says which
+  values went bad and which checkpoint is kept. The state before the bad step is not saved: the steps donate
+  the previous state's buffers, so keeping it would cost a copy of the whole state on every step; what is lost is
+  at most ``checkpoint_every - 1`` steps.
+  """
   from tqdm.auto import tqdm
   losses, stopped = [], None
   bar = tqdm(total=total, initial=start, disable=not progress, desc=desc, dynamic_ncols=True)
@@ -70,17 +111,21 @@ def run(*, start: int, total: int, next_batch: Callable[[], dict], do_step: Call
         bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
         if bad:
           writer.write(step + 1, metrics)
-          raise TrainingError(f"{', '.join(bad)} became non-finite at step {step + 1}; stopping, the last good "
-                              f"checkpoint (step {last_saved}) in {checkpoint_dir} is kept")
+          kept = (f"the last good checkpoint (step {last_saved}) in {checkpoint_dir} is kept" if last_saved is not None
+                  else f"no checkpoint was written yet in {checkpoint_dir}")
+          values = ", ".join(f"{k}={metrics[k]}" for k in bad)
+          raise TrainingError(f"non-finite values at step {step + 1} ({values}); stopping, {kept}")
         commit()
         losses.append(metrics.get(loss_key, float("nan")))
         if (step + 1) % log_every == 0 or step + 1 == total:
-          writer.write(step + 1, metrics)
+          writer.write(step + 1, dict(metrics, **(extra_metrics(metrics) if extra_metrics else {})))
         bar.update(1)
         if loss_key in metrics:
           bar.set_postfix({loss_key: f"{metrics[loss_key]:.4f}"})
         if (step + 1) % checkpoint_every == 0:
           last_saved = save()
+        if after_step is not None:
+          after_step(step + 1)
       last_saved = save()
   finally:
     bar.close()
