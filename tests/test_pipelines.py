@@ -211,3 +211,22 @@ def test_missing_model_folder():
   from helios_jax import CheckpointError
   with pytest.raises(CheckpointError, match="model folder not found"):
     HeliosPyramidPipeline.from_pretrained("/nonexistent/helios")
+
+
+@pytest.mark.parametrize("case", ["mid_i2v", "distilled_t2v"])
+def test_unstacked_layers_give_the_reference_output(case):
+  """``unstack_transformer_layers`` (per-layer weight arrays, the GPU speed option) keeps replay parity; the
+  module's own call then refuses its placeholder blocks with a clear error."""
+  data, noise = load(case)
+  setting = MANIFEST[case]["setting"]
+  cls = HeliosPipeline if setting == "base" else HeliosPyramidPipeline
+  pipe = cls.from_pretrained(os.path.join(FIX, setting), dtype=jnp.float32, load_vae=False)
+  pipe.unstack_transformer_layers()
+  pipe.unstack_transformer_layers()  # idempotent
+  out = pipe(**call_kwargs(case, data, noise)).frames
+  assert noise.remaining == 0
+  assert rel_err(out, data["latents"]) <= TOL
+  with pytest.raises(InputError, match="unstack_transformer_layers"):
+    c = pipe.transformer.config.in_channels
+    pipe.transformer(hidden_states=np.zeros((1, c, 1, 4, 4), np.float32), timestep=np.zeros((1,), np.float32),
+                     encoder_hidden_states=np.zeros((1, 4, pipe.transformer.config.text_dim), np.float32))

@@ -39,6 +39,7 @@ _JSON_FIELDS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_c
                 "has_multi_term_memory_patch", "is_amplify_history", "history_scale_mode")
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+LAYER_LOOPS = ("scan", "unrolled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,9 @@ class HeliosTransformerConfig:
       ``"dots_no_batch"`` (``jax.checkpoint_policies`` that keep matmul outputs).
     precision: ``jax.lax.Precision`` name for the linear layers (``None`` = backend default).
     fuse_qkv: run the self-attention q/k/v projections as one matmul (same parameters; a speed option).
+    layer_loop: ``"scan"`` (one ``lax.scan`` over the stacked blocks: small program, fast compile) or
+      ``"unrolled"`` (a Python loop over static per-layer slices: a 40x larger program; see
+      :meth:`HeliosTransformer3DModel.forward`'s ``layer_states`` for weights stored per layer).
   """
 
   patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -80,6 +84,7 @@ class HeliosTransformerConfig:
   remat_policy: str = "none"
   precision: str | None = None
   fuse_qkv: bool = False
+  layer_loop: str = "scan"
 
   def __post_init__(self):
     for name in ("patch_size", "rope_dim"):
@@ -99,6 +104,8 @@ class HeliosTransformerConfig:
       errors.append(f"dtype={self.dtype!r} (use 'float32' or 'bfloat16')")
     if self.remat_policy not in REMAT_POLICIES:
       errors.append(f"remat_policy={self.remat_policy!r} (choose from {REMAT_POLICIES})")
+    if self.layer_loop not in LAYER_LOOPS:
+      errors.append(f"layer_loop={self.layer_loop!r} (choose from {LAYER_LOOPS})")
     if errors:
       raise InputError("unsupported transformer config: " + "; ".join(errors))
 
@@ -339,6 +346,9 @@ class HeliosTransformer3DModel(nnx.Module):
         indices_latents_history_long=indices_latents_history_long, latents_history_short=latents_history_short,
         latents_history_mid=latents_history_mid, latents_history_long=latents_history_long))
     graphdef, state = nnx.split(self)
+    if any(a.size == 0 for a in jax.tree.leaves(state["blocks"])):
+      raise InputError("this transformer's blocks were moved into per-layer arrays by a pipeline's "
+                       "unstack_transformer_layers(); call it through that pipeline")
     out = _jitted_forward(graphdef, state, inputs)
     return {"sample": out} if return_dict else out
 
@@ -346,7 +356,7 @@ class HeliosTransformer3DModel(nnx.Module):
               indices_latents_history_short=None, indices_latents_history_mid=None,
               indices_latents_history_long=None, latents_history_short=None, latents_history_mid=None,
               latents_history_long=None, block_adapter: tuple[Any, Callable[[Any, Any], Any]] | None = None,
-              return_block_outputs: Sequence[int] = ()):
+              return_block_outputs: Sequence[int] = (), layer_states: Sequence[Any] | None = None):
     """Traceable forward on already-checked JAX inputs (see :meth:`__call__` for shapes).
 
     ``block_adapter`` = ``(per_layer, adapt)`` changes the blocks' weights one layer at a time (training's LoRA):
@@ -357,6 +367,11 @@ class HeliosTransformer3DModel(nnx.Module):
 
     ``return_block_outputs`` (static layer indices, e.g. the GAN hooks 5/15/25/35) makes the call return
     ``(output, features)`` with ``features`` (n, B, N_target, D): the target tokens after each listed block.
+
+    ``layer_states`` (``num_layers`` block states, e.g. from :func:`unstack_blocks`) runs those per-layer weights
+    in a Python loop instead of the stored stacked blocks (which are then not read). Inside a scan, XLA copies each
+    layer's weight slice out of the stacked arrays before its matmuls (one extra read + write of all block
+    weights per forward); separately stored layers avoid that copy, at the price of a larger program.
     """
     cfg = self.config
     dtype = cfg.param_dtype
@@ -415,7 +430,17 @@ class HeliosTransformer3DModel(nnx.Module):
 
     if cfg.remat_policy != "none":
       body = jax.checkpoint(body, policy=_POLICIES[cfg.remat_policy](), prevent_cse=False)
-    x, per_block = jax.lax.scan(body, x, (block_state, per_layer))
+    if layer_states is None and cfg.layer_loop == "scan":
+      x, per_block = jax.lax.scan(body, x, (block_state, per_layer))
+    else:
+      if layer_states is not None and len(layer_states) != cfg.num_layers:
+        raise InputError(f"layer_states has {len(layer_states)} layers, the model has {cfg.num_layers}")
+      outs = []
+      for i in range(cfg.num_layers):
+        layer = layer_states[i] if layer_states is not None else jax.tree.map(lambda a: a[i], block_state)
+        x, o = body(x, (layer, jax.tree.map(lambda a: a[i], per_layer)))
+        outs.append(o)
+      per_block = jnp.stack(outs) if return_block_outputs else None
 
     x = self.norm_out(x[:, num_history:], temb)
     x = self.proj_out(x)
@@ -424,6 +449,29 @@ class HeliosTransformer3DModel(nnx.Module):
     if return_block_outputs:
       return out, per_block[np.asarray(return_block_outputs, np.int32)]
     return out
+
+
+def unstack_blocks(model: "HeliosTransformer3DModel", delete: bool = False) -> list:
+  """The stacked block state as ``num_layers`` per-layer states (for ``forward(layer_states=...)``).
+
+  ``delete=True`` deletes each stacked array once its layers are copied out, so device memory grows by one
+  parameter at a time instead of by all block weights; the model's blocks are unusable afterwards (its
+  ``forward`` must then get ``layer_states``).
+  """
+  _, state = nnx.split(model.blocks)
+  flat, treedef = jax.tree.flatten(state)
+  layers = [[] for _ in range(model.config.num_layers)]
+  for leaf in flat:
+    for i, piece in enumerate(_split_layers(leaf)):
+      layers[i].append(piece)
+    if delete and isinstance(leaf, jax.Array):
+      leaf.delete()
+  return [jax.tree.unflatten(treedef, leaves) for leaves in layers]
+
+
+@jax.jit
+def _split_layers(a: jax.Array) -> list[jax.Array]:
+  return [a[i] for i in range(a.shape[0])]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -138,9 +138,31 @@ class HeliosPipelineBase:
     return self.vae.config.spatial_compression if self.vae is not None else VAE_SCALE_SPATIAL
 
   def _transformer_split(self):
+    """(graphdef, params): ``params`` is the transformer's state, or ``(state, layer_states)`` after
+    :meth:`unstack_transformer_layers`."""
     if self._split is None:
       self._split = nnx.split(self.transformer)
     return self._split
+
+  def unstack_transformer_layers(self) -> None:
+    """Stores the transformer's blocks as one array per layer and parameter (a speed option for accelerators).
+
+    A ``lax.scan`` over stacked blocks makes XLA copy each layer's weight slice before its matmuls: for the 14B
+    model one extra read and write of 26 GB per forward (docs/benchmarks.md measures the gain). Afterwards the
+    pipeline's forwards run the layers from separate arrays (a Python loop: a larger program, longer compile).
+    Done leaf by leaf, each stacked array deleted after its split, so device memory grows by one parameter at most.
+    The transformer module itself keeps small placeholders instead of its stacked blocks: call it through this
+    pipeline (its own ``__call__`` raises on the placeholders).
+    """
+    from helios_jax.models.transformer import unstack_blocks
+    graphdef, params = self._transformer_split()
+    if isinstance(params, tuple):
+      return
+    layers = unstack_blocks(self.transformer, delete=True)
+    placeholders = jax.tree.map(lambda a: jnp.zeros((a.shape[0],) + (0,) * (a.ndim - 1), a.dtype),
+                                nnx.state(self.transformer.blocks))
+    nnx.update(self.transformer.blocks, placeholders)
+    self._split = (graphdef, (nnx.split(self.transformer)[1], layers))
 
   def free_text_encoder(self):
     """Drops the text encoder (11 GB for UMT5-XXL) once prompts are encoded; pass embeddings afterwards."""

@@ -62,7 +62,8 @@ def run_stage(graphdef, params, spec: StageSpec, x: jax.Array, tables: StepTable
   """Denoises one stage of one chunk.
 
   Args:
-    graphdef, params: ``nnx.split(transformer)``.
+    graphdef, params: ``nnx.split(transformer)``; ``params`` may be ``(state, layer_states)`` (per-layer block
+      weights, ``HeliosPipelineBase.unstack_transformer_layers``).
     x: (B, C, T, h, w) latent the stage starts from (before the upsample when ``spec.upsample``).
     tables: the stage's ``SchedulerTables.to_jax()``.
     history: ``latents_history_{short,mid,long}`` at full latent resolution.
@@ -74,6 +75,7 @@ def run_stage(graphdef, params, spec: StageSpec, x: jax.Array, tables: StepTable
   Returns:
     (B, C, T, h', w') the stage's result (h' = 2h when upsampled).
   """
+  params, layer_states = params if isinstance(params, tuple) else (params, None)
   tdt = nnx.merge(graphdef, params).config.param_dtype
   if spec.upsample:
     x = upsample_nearest_2x(x)
@@ -90,15 +92,15 @@ def run_stage(graphdef, params, spec: StageSpec, x: jax.Array, tables: StepTable
     model = nnx.merge(graphdef, params)
     xin = xk.astype(tdt)
     if not spec.do_cfg:
-      return model.forward(xin, t, prompt_embeds, **indices, **history)
+      return model.forward(xin, t, prompt_embeds, **indices, **history, layer_states=layer_states)
     if pair:  # one doubled batch for the conditional and unconditional passes
       # Under a mesh with data > 1 (CFG-parallel), the two halves run on different devices.
       cat = lambda a, b: constrain_batch(jnp.concatenate([a, b]))
       both = model.forward(cat(xin, xin), cat(t, t), cat(prompt_embeds, negative_prompt_embeds), **indices,
-                           **{k: cat(v, v) for k, v in history.items()})
+                           **{k: cat(v, v) for k, v in history.items()}, layer_states=layer_states)
       return both[:b], both[b:]
-    return (model.forward(xin, t, prompt_embeds, **indices, **history),
-            model.forward(xin, t, negative_prompt_embeds, **indices, **history))
+    return (model.forward(xin, t, prompt_embeds, **indices, **history, layer_states=layer_states),
+            model.forward(xin, t, negative_prompt_embeds, **indices, **history, layer_states=layer_states))
 
   def body(k, carry):
     xk, state = carry
