@@ -15,6 +15,10 @@ averaged over ``--draws`` noise draws for four variants of the same batch (same 
 
 A model that continues motion has ``no_history`` clearly above ``true`` for chunks after the first (chunk 0 has
 no history in training: its anchor is zero). Equal losses mean the model ignores that input.
+
+``--posterior`` (``mean`` / ``sample``) picks the latents the clips are encoded to; by default the one the model
+was trained on (``latents_posterior`` in its ``model_index.json`` defaults; ``sample`` for folders without it, the
+first bundled model among them).
 """
 from __future__ import annotations
 
@@ -57,6 +61,8 @@ def main(argv=None) -> int:
   p.add_argument("--chunks", default="0,1,3", help="comma list of target chunk indices (of 4 per clip)")
   p.add_argument("--draws", type=int, default=3, help="noise draws averaged per variant")
   p.add_argument("--scene-seed", type=int, default=2024, help="held-out scene stream (training used 0)")
+  p.add_argument("--posterior", choices=("mean", "sample"),
+                 help="encode the clips to the VAE posterior mean or a sample (default: as the model was trained)")
   p.add_argument("--out", help="write the JSON results here")
   args = p.parse_args(argv)
 
@@ -75,14 +81,15 @@ def main(argv=None) -> int:
   with open(os.path.join(args.model, "model_index.json"), encoding="utf-8") as f:
     defaults = json.load(f).get("helios_jax_defaults") or {}
   scene_cfg = scenes.SceneConfig(height=int(defaults.get("height", 128)), width=int(defaults.get("width", 128)))
+  posterior = args.posterior or defaults.get("latents_posterior", "sample")
   model = HeliosTransformer3DModel.from_pretrained(os.path.join(args.model, "transformer"), dtype=jnp.float32)
   obj = demo_base.get_config("").objective
   obj.corrupt_history = False  # the clean conditioning, as at sampling time
   results = dict(model=os.path.relpath(os.path.abspath(args.model), ROOT), clips=args.clips, draws=args.draws,
-                 scene_seed=args.scene_seed, device=str(jax.devices()[0]), loss={})
+                 scene_seed=args.scene_seed, posterior=posterior, device=str(jax.devices()[0]), loss={})
   with tempfile.TemporaryDirectory() as data_dir:
     demo.encode_dataset(data_dir, vae, embed, num_clips=args.clips, num_chunks=num_chunks, seed=args.scene_seed,
-                        scene_cfg=scene_cfg, batch=4)
+                        scene_cfg=scene_cfg, batch=4, posterior=posterior)
     source = demo.DemoLatents(data_dir)
     for chunk in chunks:
       items = [assemble_sample(source[i]["latents"], chunk) for i in range(args.clips)]

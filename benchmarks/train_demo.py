@@ -142,7 +142,8 @@ def run(args) -> dict:
   comp = os.path.join(work, "components")
   os.makedirs(args.out, exist_ok=True)
   os.makedirs(comp, exist_ok=True)
-  log = dict(device=str(jax.devices()[0]), quick=quick, stages={}, budgets=budgets, started=time.time())
+  log = dict(device=str(jax.devices()[0]), quick=quick, stages={}, budgets=budgets, started=time.time(),
+             posterior=args.posterior)
   t_all = time.perf_counter()
 
   def save_log():
@@ -184,7 +185,14 @@ def run(args) -> dict:
   # 3. encoded scenes
   data_dir = os.path.join(work, "data")
   needs_data = any(n in stages for n in ("base", "mid", "base_nocorrupt", "ode", "ahd"))
-  if needs_data and not os.path.isfile(os.path.join(data_dir, "meta.json")):
+  meta_path = os.path.join(data_dir, "meta.json")
+  if needs_data and os.path.isfile(meta_path):
+    with open(meta_path, encoding="utf-8") as f:
+      cached = json.load(f).get("posterior", "sample")  # folders from before the option hold samples
+    if cached != args.posterior:
+      _log(f"{data_dir} holds posterior {cached}s, --posterior is {args.posterior}: re-encoding")
+      shutil.rmtree(data_dir)
+  if needs_data and not os.path.isfile(meta_path):
     from helios_jax.models.vae import AutoencoderKLWan
     t0 = time.perf_counter()
     vae = AutoencoderKLWan.from_pretrained(vae_folder)
@@ -193,7 +201,7 @@ def run(args) -> dict:
     meta = demo.encode_dataset(data_dir, vae, embed, num_clips=args.clips or (8 if quick else 3072),
                                num_chunks=demo_base.get_config(variant).data.num_chunks, seed=0,
                                scene_cfg=vae_train.scene_config(vcfg.data), batch=4 if quick else 16,
-                               progress=True)
+                               progress=True, posterior=args.posterior)
     log["stages"]["data"] = dict(seconds=time.perf_counter() - t0, meta=meta)
     _log(f"encoded {meta['num_clips']} clips in {time.perf_counter() - t0:.0f} s")
     save_log()
@@ -283,6 +291,7 @@ def quality(args, comp: str, trained: dict, log: dict) -> None:
     name = TAR_NAME.get(stage, stage)
     out = os.path.join(args.work, "pipelines", name)
     defaults = dict(height=scene.get("pixel_height", 128), width=scene.get("pixel_width", 128), num_frames=99,
+                    latents_posterior=scene.get("posterior", log.get("posterior", "sample")),
                     **SAMPLE_DEFAULTS[name])
     demo.write_pipeline_folder(out, "base" if name.startswith("base") else name, merged, os.path.join(comp, "vae"),
                                os.path.join(comp, "text_encoder"), os.path.join(comp, "tokenizer"),
@@ -327,6 +336,7 @@ def assemble(src: str, default_kind: str = "", runs: str = os.path.join(ROOT, "r
     out = DEFAULT_MODEL if name == default else os.path.join(runs, name)
     shutil.rmtree(out, ignore_errors=True)
     defaults = dict(height=scene.get("pixel_height", 128), width=scene.get("pixel_width", 128), num_frames=99,
+                    latents_posterior=scene.get("posterior", log.get("posterior", "sample")),
                     **SAMPLE_DEFAULTS[name])
     demo.write_pipeline_folder(out, kind, os.path.join(t, "transformer"), os.path.join(tmp, "vae"),
                                os.path.join(tmp, "text_encoder"), os.path.join(tmp, "tokenizer"),
@@ -354,6 +364,9 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, help="override total_steps of the transformer stages")
   p.add_argument("--vae-steps", type=int, help="override total_steps of the VAE")
   p.add_argument("--clips", type=int, help="number of encoded training clips")
+  p.add_argument("--posterior", default="mean", choices=("mean", "sample"),
+                 help="latents stored for the transformer stages: the VAE posterior mean (default) or a sample "
+                      "(see helios_jax.training.demo: sampled latents made the first Base ignore its history)")
   p.add_argument("--batch", type=int, help="override every stage's batch size (a CPU dry run of the full configs)")
   p.add_argument("--quality", action="store_true",
                  help="afterwards run benchmarks/demo_quality.py on the trained, bundled and runs/demo/* models")

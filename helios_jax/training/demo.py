@@ -8,10 +8,23 @@ closed language and the DiT's cross-attention learns to read the fixed embedding
 ``text_encoder/`` and ``tokenizer/`` folders, so the pipelines load them like UMT5-XXL's.
 
 Dataset: scene ``i`` of stream ``seed`` is rendered for ``num_chunks`` consecutive 33-frame windows; each window is
-VAE-encoded independently (posterior sample, normalised with the VAE's latents mean / std), exactly as
+VAE-encoded independently (normalised with the VAE's latents mean / std) as
 :mod:`helios_jax.training.prepare_data` encodes real videos, and each caption is embedded once. The folder holds
 ``latents.npy`` (N, n_chunks, z, 9, h, w) float16, ``caption_index.npy`` (N,), ``embeds.npy`` (U, L, D) float16 for
-the U distinct captions, ``captions.json`` and ``meta.json``.
+the U distinct captions, ``captions.json`` and ``meta.json`` (``posterior`` records which latent was stored).
+
+Posterior mean, not a sample (``posterior="mean"``, the default): the demo VAE is trained with a tiny KL weight
+(``configs/demo_vae.py``), and its posterior std is not small against the spread of the means. Measured on the
+first bundled VAE (8 held-out windows): in normalised units the posterior variance averages 0.24 of a total 1.0,
+and on some channels the std exceeds the std of the means (channel 0: 0.90 vs 0.33 before normalisation). Each
+sampled latent then carries fresh, unpredictable per-element noise, independently drawn for every window, so
+(a) the flow-matching loss has an irreducible floor of about 0.64 (of the 0.80 the first Base plateaued at:
+``E_s[a / ((1 - s)^2 a + s^2)]`` over the logit-normal ``s`` for posterior variance ``a``), which buries the
+part a model can learn, and (b) the history frames are noisy copies that predict the target's noise not at all.
+The Base then learned to ignore its history (``benchmarks/demo_conditioning.py``). The mean is a deterministic
+function of the pixels, so static backgrounds and slowly moving shapes are predictable across chunks.
+``posterior="sample"`` keeps the old behaviour (what the real Helios data pipeline does with the Wan VAE, whose
+posterior is far narrower).
 """
 
 from __future__ import annotations
@@ -101,17 +114,26 @@ def caption_embedder(text_folder: str, tokenizer_folder: str, max_sequence_lengt
 # Encoded dataset
 
 
+POSTERIORS = ("mean", "sample")
+
+
 def encode_dataset(out: str, vae, embed, *, num_clips: int, num_chunks: int, seed: int,
-                   scene_cfg: scenes.SceneConfig, batch: int = 16, progress: bool = False) -> dict:
+                   scene_cfg: scenes.SceneConfig, batch: int = 16, progress: bool = False,
+                   posterior: str = "mean") -> dict:
   """Renders and encodes ``num_clips`` scenes of stream ``seed`` into ``out`` (see the module docstring).
 
   Args:
     vae: the trained :class:`~helios_jax.models.vae.AutoencoderKLWan` (latents mean / std set).
     embed: ``captions -> (B, L, D)`` (from :func:`caption_embedder`).
+    posterior: ``"mean"`` (default: the posterior mean, see the module docstring for why) or ``"sample"``
+      (``mu + std * eps``, eps from stream ``seed``).
   Returns:
     the ``meta.json`` dict.
   """
   from helios_jax.models.vae import normalize_latents
+  if posterior not in POSTERIORS:
+    raise InputError(f"posterior must be one of {POSTERIORS}, got {posterior!r}")
+  sample = posterior == "sample"
   os.makedirs(out, exist_ok=True)
   cfg = vae.config
   graphdef, state = nnx.split(vae)
@@ -119,10 +141,12 @@ def encode_dataset(out: str, vae, embed, *, num_clips: int, num_chunks: int, see
   std = jnp.asarray(cfg.latents_std, jnp.float32)
 
   @jax.jit
-  def encode(state, video, key):  # video (B*n, 3, 33, H, W) -> normalised posterior samples (B*n, z, 9, h, w)
+  def encode(state, video, key):  # video (B*n, 3, 33, H, W) -> normalised latents (B*n, z, 9, h, w)
     moments = nnx.merge(graphdef, state).encode_moments(video).astype(jnp.float32)
     mu, logvar = jnp.split(moments, 2, axis=1)
-    z = mu + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * jax.random.normal(key, mu.shape)
+    z = mu
+    if sample:  # logvar clip range as the diffusers DiagonalGaussianDistribution
+      z = mu + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * jax.random.normal(key, mu.shape)
     return normalize_latents(z, mean, std, jnp.float32)
 
   h, w = scene_cfg.height // cfg.spatial_compression, scene_cfg.width // cfg.spatial_compression
@@ -159,7 +183,7 @@ def encode_dataset(out: str, vae, embed, *, num_clips: int, num_chunks: int, see
     json.dump(captions, f)
   meta = dict(num_clips=num_clips, num_chunks=num_chunks, seed=seed, channels=cfg.z_dim, chunk=t, height=h,
               width=w, text_len=int(embeds.shape[1]), text_dim=int(embeds.shape[2]), unique_captions=len(names),
-              pixel_height=scene_cfg.height, pixel_width=scene_cfg.width)
+              pixel_height=scene_cfg.height, pixel_width=scene_cfg.width, posterior=posterior)
   with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
     json.dump(meta, f, indent=2)
   return meta
