@@ -73,6 +73,9 @@ def main():
   p.add_argument("--vae-dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
   p.add_argument("--fuse-qkv", action="store_true", help="one matmul for the self-attention q/k/v projections")
+  p.add_argument("--layer-loop", default="scan", choices=["scan", "unrolled", "split"],
+                 help="how the 40 blocks run: one lax.scan over stacked weights, a Python loop over static slices "
+                      "of them, or a Python loop over per-layer arrays (pipe.unstack_transformer_layers())")
   p.add_argument("--components-only", action="store_true", help="time the forwards and the decode, no pipeline")
   p.add_argument("--tag", default="", help="variant name stored in the records (e.g. the XLA flags used)")
   p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -83,7 +86,7 @@ def main():
 
   t0 = time.perf_counter()
   cfg = HeliosTransformerConfig(num_layers=a.layers, dtype="bfloat16", attention_implementation=a.attention,
-                                fuse_qkv=a.fuse_qkv)
+                                fuse_qkv=a.fuse_qkv, layer_loop="unrolled" if a.layer_loop == "unrolled" else "scan")
   transformer = build_on_device(HeliosTransformer3DModel, cfg)
   vae = build_on_device(AutoencoderKLWan, None, dtype=jnp.dtype(a.vae_dtype))
   jax.block_until_ready(nnx.state(transformer))
@@ -94,6 +97,8 @@ def main():
 
   scheduler = HeliosDMDScheduler.from_config(dict(stages=3, use_dynamic_shifting=True, time_shift_type="linear"))
   pipe = HeliosPyramidPipeline(transformer, scheduler, vae, is_distilled=True)
+  if a.layer_loop == "split":
+    pipe.unstack_transformer_layers()
   emb = (0.1 * jax.random.normal(jax.random.key(1), (1, 512, cfg.text_dim))).astype(jnp.bfloat16)
 
   # Component timings: one transformer forward per pyramid resolution, one chunk decode.
@@ -101,8 +106,9 @@ def main():
   layout = HistoryLayout.make((16, 2, 1), 9, True)
   idx = {k: jnp.asarray(v) for k, v in layout.indices().items()}
   hist = layout.split(jnp.zeros((1, 16, 19, h, w), jnp.bfloat16), jnp.zeros((1, 16, 1, h, w), jnp.bfloat16))
-  graphdef, params = nnx.split(transformer)
-  fwd = jax.jit(lambda p, x, t: nnx.merge(graphdef, p).forward(x, t, emb, **idx, **hist))
+  graphdef, params = pipe._transformer_split()
+  fwd = jax.jit(lambda p, x, t: (nnx.merge(graphdef, p[0]).forward(x, t, emb, **idx, **hist, layer_states=p[1])
+                                 if isinstance(p, tuple) else nnx.merge(graphdef, p).forward(x, t, emb, **idx, **hist)))
   comp = {}
   for name, scale in (("quarter", 4), ("half", 2), ("full", 1)):
     x = jax.random.normal(jax.random.key(2), (1, 16, 9, h // scale, w // scale)).astype(jnp.bfloat16)
@@ -114,7 +120,7 @@ def main():
   lat = jax.random.normal(jax.random.key(3), (1, 16, 9, h, w), jnp.float32)
   comp["vae_decode_chunk_s"] = timeit(lambda: pipe._decode_chunk(lat))
   comp["forward_sum_s"] = comp["forward_quarter_s"] + comp["forward_half_s"] + comp["forward_full_s"]
-  variant = {"fuse_qkv": a.fuse_qkv, "tag": a.tag, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  variant = {"fuse_qkv": a.fuse_qkv, "layer_loop": a.layer_loop, "tag": a.tag, "xla_flags": os.environ.get("XLA_FLAGS", "")}
   print("components:", json.dumps({**variant, **{k: round(v, 4) for k, v in comp.items()}}), flush=True)
   if a.components_only:
     with open(os.path.join(a.out, f"components_{a.tag or 'default'}{'_fused' if a.fuse_qkv else ''}.json"), "w") as f:
@@ -148,7 +154,8 @@ def main():
            **{k: round(v, 4) for k, v in comp.items()}}
     records.append(rec)
     print(json.dumps(rec), flush=True)
-    with open(os.path.join(a.out, f"fps_helios_jax_{setting.replace('+', '_')}_{a.layers}l.json"), "w") as f:
+    suffix = f"_{a.tag}" if a.tag else ""
+    with open(os.path.join(a.out, f"fps_helios_jax_{setting.replace('+', '_')}_{a.layers}l{suffix}.json"), "w") as f:
       json.dump(rec, f, indent=1)
   print("\nsetting      frames   fps    first_chunk_s  compile_s  peak_gib")
   for r in records:

@@ -287,6 +287,8 @@ ERROR_CASES = {
     "bad_size": (lambda f: _base(f) + ["--height", "100"], "must be multiples of 64"),
     "bad_embeds_width": (lambda f: _base(f) + ["--prompt-embeds", f["img"]], "cannot read prompt embeddings"),
     "cfg_without_negative": (lambda f: _base(f, "--guidance", "3"), "needs --negative-prompt-embeds"),
+    "unstack_with_mesh": (lambda f: _base(f, "--unstack-layers", "--mesh", "data=1"),
+                          "--unstack-layers is a one-device option"),
 }
 
 
@@ -333,7 +335,7 @@ def test_cli_end_to_end(cli_files, capsys):
   src = str(cli_files["tmp"] / "src.mp4")
   media.write_video(src, DATA["v2v_video"][:40])
   v2v = str(cli_files["tmp"] / "v2v.mp4")
-  assert sample.main(_base(cli_files, "--mode", "v2v", "--video", src) + ["--out", v2v]) == 0
+  assert sample.main(_base(cli_files, "--mode", "v2v", "--video", src, "--unstack-layers") + ["--out", v2v]) == 0
   info = media.video_info(v2v)
   assert info["frames"] == 33 and (info["width"], info["height"]) == (128, 64)
   leftovers = [n for n in os.listdir(cli_files["tmp"]) + os.listdir(cli_files["tmp"] / "o") if n.startswith(".")]
