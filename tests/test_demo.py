@@ -301,3 +301,20 @@ def test_conditioning_variants_change_only_their_input():
   assert not np.asarray(demo_conditioning.variant_batch(batch, "no_history")["history"]).any()
   with pytest.raises(ValueError):
     demo_conditioning.variant_batch(batch, "nothing")
+
+
+def test_pipeline_conditioning_uses_the_posterior_mean_when_asked():
+  """``latents_posterior="mean"`` (demo folders: model_index helios_jax_defaults) encodes image conditioning
+  without a posterior draw; the default draws, so two seeds differ."""
+  from helios_jax import HeliosPipeline, InputError
+  from helios_jax.pipelines.noise import JaxNoiseSource
+  pipe = HeliosPipeline.from_pretrained(os.path.join(ROOT, "helios_jax", "assets", "demo", "model"),
+                                        dtype=jnp.float32, load_text_encoder=False)
+  pixels = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 3, 1, 32, 32)), jnp.float32)
+  enc = lambda seed: np.asarray(pipe._encode_latents(pixels, JaxNoiseSource(seed)))
+  pipe.latents_posterior = "sample"
+  assert not np.allclose(enc(0), enc(1))
+  pipe.latents_posterior = "mean"
+  np.testing.assert_array_equal(enc(0), enc(1))
+  with pytest.raises(InputError, match="latents_posterior"):
+    HeliosPipeline(pipe.transformer, pipe.scheduler, latents_posterior="mode")

@@ -76,7 +76,7 @@ class HeliosPipelineBase:
   _class_names: tuple[str, ...] = ()
 
   def __init__(self, transformer, scheduler, vae=None, text_encoder=None, tokenizer=None, *,
-               is_cfg_zero_star: bool = False, is_distilled: bool = False):
+               is_cfg_zero_star: bool = False, is_distilled: bool = False, latents_posterior: str = "sample"):
     self.transformer = transformer
     self.scheduler = scheduler
     self.vae = vae
@@ -84,6 +84,10 @@ class HeliosPipelineBase:
     self.tokenizer = tokenizer
     self.is_cfg_zero_star = bool(is_cfg_zero_star)
     self.is_distilled = bool(is_distilled)
+    if latents_posterior not in ("sample", "mean"):
+      raise InputError(f"latents_posterior must be 'sample' or 'mean', got {latents_posterior!r}")
+    # how image / video conditioning is encoded: a posterior draw (diffusers, the released models) or its mean
+    self.latents_posterior = latents_posterior
     self._split = None
 
   # ------------------------------------------------------------------------------------------------------------------
@@ -124,7 +128,8 @@ class HeliosPipelineBase:
         tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
     return cls(transformer, scheduler, vae, text_encoder, tokenizer,
                is_cfg_zero_star=bool(index.get("is_cfg_zero_star", False)),
-               is_distilled=bool(index.get("is_distilled", False)))
+               is_distilled=bool(index.get("is_distilled", False)),
+               latents_posterior=(index.get("helios_jax_defaults") or {}).get("latents_posterior", "sample"))
 
   # ------------------------------------------------------------------------------------------------------------------
   # Pieces
@@ -395,6 +400,19 @@ class HeliosPipelineBase:
     z = latents.astype(jnp.float32) / inv_std + mean
     return jnp.clip(self.vae.decode(z).sample, -1.0, 1.0)
 
+  def _encode_latents(self, pixels, noise_source) -> jax.Array:
+    """(B, 3, F, H, W) pixels -> normalised (B, z, f, h, w) float32 latents: one encode with a fresh causal cache,
+    then a posterior draw from ``noise_source`` (diffusers), or the posterior mean when
+    ``self.latents_posterior == "mean"`` (models trained on mean latents, e.g. the bundled demo; no draw)."""
+    from helios_jax.models.vae import normalize_latents
+    cfg = self.vae.config
+    dist = self.vae.encode(jnp.asarray(pixels)).latent_dist
+    if self.latents_posterior == "mean":
+      z = dist.mean
+    else:
+      z = dist.sample(draw(noise_source, "normal", dist.mean.shape))
+    return normalize_latents(z, cfg.latents_mean, cfg.latents_std).astype(jnp.float32)
+
   def _encode_image(self, image, height, width, layout, noise_source, image_latents, fake_image_latents):
     """I2V (diffusers ``prepare_image_latents``): image -> (image_latents, fake_image_latents), each (B, C, 1, h, w)
     float32 and normalised. ``image`` is whatever :func:`helios_jax.io.media.preprocess_image` takes (path, PIL
@@ -403,17 +421,10 @@ class HeliosPipelineBase:
     ((chunk - 1) * 4 + 1 = 33 frames). Either latent given by the caller is kept and its encode (and draw)
     skipped. VAE posterior noise is drawn from ``noise_source`` in the reference order (image, then fake video)."""
     from helios_jax.io.media import preprocess_image
-    from helios_jax.models.vae import normalize_latents
     if self.vae is None:
       raise InputError("image input needs a VAE to encode it; load one or pass image_latents and "
                        "fake_image_latents instead")
-    cfg = self.vae.config
-
-    def sample(pixels):  # one encode with a fresh cache, one posterior draw, (z - mean) * (1 / std) in VAE dtype
-      dist = self.vae.encode(pixels).latent_dist
-      z = dist.sample(draw(noise_source, "normal", dist.mean.shape))
-      return normalize_latents(z, cfg.latents_mean, cfg.latents_std).astype(jnp.float32)
-
+    sample = lambda pixels: self._encode_latents(pixels, noise_source)
     pixels = jnp.asarray(preprocess_image(image, height, width, self.vae_scale_spatial))[:, :, None]  # (B,3,1,H,W)
     if image_latents is None:
       image_latents = sample(pixels)
@@ -431,7 +442,6 @@ class HeliosPipelineBase:
     (leading frames dropped), each encoded with a fresh causal cache, concatenated along time. VAE posterior noise
     is drawn from ``noise_source`` in the reference order (frame 0, then each window)."""
     from helios_jax.io.media import preprocess_video
-    from helios_jax.models.vae import normalize_latents
     if self.vae is None:
       raise InputError("video input needs a VAE to encode it; load one or pass image_latents and video_latents "
                        "instead")
@@ -442,13 +452,7 @@ class HeliosPipelineBase:
     if num_win == 0:
       raise InputError(f"the video has {num_frames} frames; V2V needs at least {min_frames} (one chunk of "
                        f"{layout.chunk} latent frames)")
-    cfg = self.vae.config
-
-    def sample(pixels):  # one encode with a fresh cache, one posterior draw, (z - mean) * (1 / std) in VAE dtype
-      dist = self.vae.encode(jnp.asarray(pixels)).latent_dist
-      z = dist.sample(draw(noise_source, "normal", dist.mean.shape))
-      return normalize_latents(z, cfg.latents_mean, cfg.latents_std).astype(jnp.float32)
-
+    sample = lambda pixels: self._encode_latents(pixels, noise_source)
     start = num_frames - num_win * min_frames
     first = sample(pixels[:, :, 0:1])
     windows = [sample(pixels[:, :, start + i * min_frames:start + (i + 1) * min_frames]) for i in range(num_win)]
