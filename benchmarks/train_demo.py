@@ -165,10 +165,14 @@ def run(args) -> dict:
       cfg.stats_clips = args.batch
     vae, losses = vae_train.train_vae(cfg, os.path.join(work, "vae_run"), progress=True)
     vae_train.save_vae(vae, vae_folder)
-    log["stages"]["vae"] = dict(seconds=time.perf_counter() - t0, metrics=_metrics(os.path.join(work, "vae_run")),
+    train_s = time.perf_counter() - t0
+    recon = demo.reconstruction_psnr(vae, vae_train.scene_config(cfg.data), num_clips=2 if quick else 4)
+    log["stages"]["vae"] = dict(seconds=train_s, metrics=_metrics(os.path.join(work, "vae_run")),
                                 latents_mean=list(vae.config.latents_mean),
-                                latents_std=list(vae.config.latents_std))
-    _log(f"vae done in {time.perf_counter() - t0:.0f} s, last loss {losses[-1]:.4f}")
+                                latents_std=list(vae.config.latents_std),
+                                recon_psnr_per_frame=[round(float(v), 2) for v in recon.mean(axis=0)])
+    _log(f"vae done in {train_s:.0f} s, last loss {losses[-1]:.4f}; held-out 33-frame reconstruction PSNR "
+         f"{recon.mean():.2f} dB (frames 0-16: {recon[:, :17].mean():.2f}, 17-32: {recon[:, 17:].mean():.2f})")
     save_log()
   elif not os.path.isdir(vae_folder):
     shutil.copytree(os.path.join(args.reuse, "vae"), vae_folder)

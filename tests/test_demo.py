@@ -318,3 +318,17 @@ def test_pipeline_conditioning_uses_the_posterior_mean_when_asked():
   np.testing.assert_array_equal(enc(0), enc(1))
   with pytest.raises(InputError, match="latents_posterior"):
     HeliosPipeline(pipe.transformer, pipe.scheduler, latents_posterior="mode")
+
+
+def test_vae_reconstruction_psnr_sees_a_broken_decoder():
+  """``reconstruction_psnr`` (the VAE check before encoding a dataset) scores the bundled VAE finitely per frame,
+  and a decoder with a zeroed output layer far lower."""
+  from helios_jax.models.vae import AutoencoderKLWan
+  cfg = scenes.SceneConfig(height=64, width=64)
+  vae = AutoencoderKLWan.from_pretrained(os.path.join(ROOT, "helios_jax", "assets", "demo", "model", "vae"))
+  good = demo.reconstruction_psnr(vae, cfg, num_clips=1, frames=9)
+  assert good.shape == (1, 9) and np.isfinite(good).all()
+  graphdef, state = nnx.split(vae)
+  broken = nnx.merge(graphdef, jax.tree.map(lambda a: a * 0.0 if a.ndim == 5 and a.shape[-1] == 3 else a, state))
+  bad = demo.reconstruction_psnr(broken, cfg, num_clips=1, frames=9)
+  assert bad.mean() < good.mean() - 3.0

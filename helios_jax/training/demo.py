@@ -111,6 +111,33 @@ def caption_embedder(text_folder: str, tokenizer_folder: str, max_sequence_lengt
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# VAE check
+
+RECON_SEED = 4242  # scene stream of the VAE reconstruction check (training uses 0, the quality benchmark 2024)
+
+
+def reconstruction_psnr(vae, scene_cfg: scenes.SceneConfig, num_clips: int = 4, seed: int = RECON_SEED,
+                        frames: int = WINDOW) -> np.ndarray:
+  """Per-frame PSNR (dB) of ``vae`` on ``num_clips`` held-out ``frames``-frame clips, encoded to the posterior
+  mean and decoded, each clip alone: (num_clips, frames) float64.
+
+  The check to run before encoding a dataset with a new demo VAE: every latent the transformer learns is only as
+  good as its decode, and a VAE trained on shorter clips than the 33-frame chunks it decodes can fail on the later
+  frames (docs/benchmarks.md, demo section).
+  """
+  params, _ = scenes.scene_batch(seed, range(num_clips), scene_cfg)
+  pixels = np.asarray(scenes.render(params, np.arange(frames), scene_cfg), np.float64)  # (n, F, H, W, 3) in [0, 1]
+  out = np.zeros((num_clips, frames))
+  for i in range(num_clips):
+    video = jnp.transpose(jnp.asarray(pixels[i:i + 1], jnp.float32) * 2.0 - 1.0, (0, 4, 1, 2, 3))
+    recon = vae.decode(vae.encode(video).latent_dist.mean).sample  # (1, 3, F, H, W) in [-1, 1]
+    recon = (np.asarray(recon[0], np.float64).transpose(1, 2, 3, 0) + 1.0) / 2.0
+    mse = np.mean((np.clip(recon, 0.0, 1.0) - pixels[i]) ** 2, axis=(1, 2, 3))
+    out[i] = -10.0 * np.log10(np.maximum(mse, 1e-12))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Encoded dataset
 
 
