@@ -3,8 +3,13 @@
 ``model.pretrained`` is Helios-Mid's transformer: it is both the teacher that writes the ODE pairs (adapters off,
 CFG 5, Euler over the 20-step grid with the student's timesteps inserted) and the frozen base of the student LoRA.
 Pairs go to ``ode.data_dir`` (one .npz per prompt, prompts taken from ``config.data``); existing files are reused,
-so a second run (or a resumed one) trains straight away. The merged result (EMA LoRA fused) is the generator base
-of configs/ahd.py. ``:tiny`` runs on a CPU on synthetic latents.
+so a second run (or a resumed one) trains straight away. ``ode.pairs_format``: ``"npz"`` trains from that folder
+(needs only NumPy: the GPU machine without tensorflow-datasets); ``"tfds"`` packs the complete folder into the
+tfds dataset ``helios_ode_pairs`` under ``ode.tfds_dir`` and trains from it (needs tensorflow-datasets; an existing
+dataset is used as it is). Pairs made with "npz" are packed later by
+``python -m helios_jax.training.ode --convert <data_dir>``; batches and losses are the same either way.
+The merged result (EMA LoRA fused) is the generator base of configs/ahd.py. ``:tiny`` runs on a CPU on synthetic
+latents.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   o = c.ode = ml_collections.ConfigDict()
   o.data_dir = ""  # folder of pair_*.npz (generated if fewer than num_prompts are there)
+  o.pairs_format = "npz"  # "npz": train from data_dir; "tfds": pack data_dir into tfds_dir and train from that
+  o.tfds_dir = ""  # tfds data_dir of the helios_ode_pairs dataset; "" = <data_dir>/tfds
   o.num_prompts = 64
   o.num_sections = 5  # chunks per prompt (165 frames)
   o.sections_per_step = 3  # ode_num_latent_sections_min = max

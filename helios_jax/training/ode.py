@@ -8,10 +8,20 @@ latent at every student timestep is recorded exactly; the stage end point is the
 with the student's own upsample + block-noise renoise. (The reference uses UniPC with the student timesteps
 inserted; a multistep solver's state makes "record at inserted points" awkward, Euler on the same grid does not.)
 
-Format: one ``.npz`` per prompt (``pair_00000.npz``): ``prompt_embeds`` (S, D) and per section k and stage i
-``s{k}_p{i}_latents`` (n+1, C, T, h_i, w_i), ``s{k}_p{i}_timesteps`` (n,), ``s{k}_p{i}_sigmas`` (n,). Not tfds:
-the shapes are ragged (4 vs 2 steps, three resolutions per section) and generation runs on the GPU machine, which
-has no tensorflow-datasets; a folder of npz files needs nothing but NumPy and is written atomically per prompt.
+Format (``ode.pairs_format``). Generation always writes one ``.npz`` per prompt into ``ode.data_dir``
+(``pair_00000.npz``, atomic per prompt, so an interrupted generation resumes): ``prompt_embeds`` (S, D) and per
+section k and stage i ``s{k}_p{i}_latents`` (n+1, C, T, h_i, w_i), ``s{k}_p{i}_timesteps`` (n,),
+``s{k}_p{i}_sigmas`` (n,). The shapes differ across keys (4 vs 2 steps, three resolutions per section) but are
+fixed per key for a config, so the same record is also a tfds example (``helios_ode_pairs``: one example per
+prompt, a FeaturesDict of fixed-shape ``Tensor`` features with those keys, array_record, read with random access).
+  - ``"npz"`` (default): training reads the npz folder; needs nothing but NumPy. Use it where
+    tensorflow-datasets is not installed (the GPU machine).
+  - ``"tfds"``: once the folder holds ``num_prompts`` pairs they are packed into the tfds dataset under
+    ``ode.tfds_dir`` (default ``<data_dir>/tfds``) and training reads that; an existing dataset with enough examples
+    is used as it is (the npz files may be gone). Use it to keep the pairs as one tfds dataset like the stage-1/2
+    data (:mod:`helios_jax.training.prepare_data`). Pairs generated without tfds are packed later with
+    :func:`convert_pairs` (``python -m helios_jax.training.ode --convert <npz folder>``).
+Both read the same float32 arrays in the same order (sorted file names), so the batches and the loss are identical.
 
 Training (spec 7.4): per step pick ``sections_per_step`` sorted sections; for each and each stage a random
 recorded latent z_j at t_j; loss ``weight * mean_terms 0.5 mean((z_j - s_j G(z_j, t_j) - end)^2)`` with the history
@@ -137,43 +147,167 @@ def write_pairs(folder: str, index: int, record: dict) -> str:
 
 
 def list_pairs(folder: str) -> list[str]:
-  return sorted(glob.glob(os.path.join(folder, "pair_*.npz")))
+  """Sorted ``pair_*.npz`` of ``folder``, without the ``*.tmp.npz`` an interrupted :func:`write_pairs` leaves."""
+  return sorted(p for p in glob.glob(os.path.join(folder, "pair_*.npz")) if not p.endswith(".tmp.npz"))
 
 
-def ensure_pairs(config, graphdef, frozen, negative: np.ndarray) -> list[str]:
-  """The ODE-pair files of ``config.ode.data_dir``; missing ones (up to ``ode.num_prompts``) are generated from the
-  prompts of ``config.data`` with the frozen base as teacher (resumable: existing files are kept)."""
+# ---------------------------------------------------------------------------------------------------------------
+# tfds storage of the pairs
+
+PAIRS_FORMATS = ("npz", "tfds")
+DATASET_NAME = "helios_ode_pairs"
+
+
+def _tfds():
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise InputError("ode.pairs_format='tfds' needs tensorflow-datasets, which cannot be imported here "
+                     f"({e}); use ode.pairs_format='npz' on this machine and pack the pair folder later with "
+                     "`python -m helios_jax.training.ode --convert <folder>` where tfds is installed") from e
+  return tfds
+
+
+def pair_shapes(path: str) -> dict:
+  """{key: shape} of one pair file (all float32)."""
+  with np.load(path) as z:
+    return {k: tuple(z[k].shape) for k in z.files}
+
+
+def _builder_class():
+  tfds = _tfds()
+
+  class HeliosOdePairs(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # one class per call
+    """ODE pairs (see :mod:`helios_jax.training.ode`): one example per prompt, every key a fixed-shape float32
+    ``Tensor`` (``prompt_embeds`` (S, D), ``s{k}_p{i}_latents`` (n+1, C, T, h_i, w_i), ``_timesteps``/``_sigmas``
+    (n,))."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, *, files: list[str] | None = None, shapes: dict | None = None, **kwargs):
+      self._files = files or []
+      self._shapes = shapes or {}
+      super().__init__(**kwargs)
+
+    def _info(self):
+      features = tfds.features.FeaturesDict({
+          # raw bytes: exact float32 and compact for the large latent tensors
+          k: tfds.features.Tensor(shape=s, dtype=np.float32, encoding=tfds.features.Encoding.BYTES)
+          for k, s in sorted(self._shapes.items())})
+      return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for path in self._files:
+        with np.load(path) as z:
+          rec = {k: np.asarray(z[k], np.float32) for k in z.files}
+        got = {k: v.shape for k, v in rec.items()}
+        if got != self._shapes:
+          raise InputError(f"{path} does not match the other pairs (keys/shapes {got} vs {self._shapes}): "
+                           "pairs from different configs in one folder?")
+        yield os.path.basename(path), rec
+
+  return HeliosOdePairs
+
+
+def convert_pairs(folder: str, tfds_dir: str = "") -> str:
+  """Packs the ``pair_*.npz`` of ``folder`` (in sorted order) into the tfds dataset ``helios_ode_pairs`` under
+  ``tfds_dir`` (default ``<folder>/tfds``), replacing an existing one; returns the dataset's version folder."""
+  tfds = _tfds()
+  files = list_pairs(folder)
+  if not files:
+    raise InputError(f"no pair_*.npz in {folder!r}")
+  builder = _builder_class()(files=files, shapes=pair_shapes(files[0]), data_dir=tfds_dir or
+                             os.path.join(folder, "tfds"), file_format="array_record")
+  mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD  # rebuild: an older dataset may hold fewer prompts
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+  return builder.data_dir
+
+
+def open_pairs(tfds_dir: str):
+  """Random-access sequence of pair records (dicts of float32 arrays, same order as the npz files) from the
+  ``helios_ode_pairs`` dataset under ``tfds_dir``."""
+  from helios_jax.training.prepare_data import _latest_version_dir
+  tfds = _tfds()
+  if not tfds_dir or not os.path.isdir(tfds_dir):
+    raise InputError(f"ode.tfds_dir {tfds_dir!r} is not a folder with a {DATASET_NAME} dataset")
+  builder = tfds.builder_from_directory(_latest_version_dir(tfds_dir, DATASET_NAME))
+  return builder.as_data_source(split="train")
+
+
+def _pairs_tfds_dir(o) -> str:
+  return o.get("tfds_dir", "") or os.path.join(o.data_dir, "tfds")
+
+
+def _existing_tfds(tfds_dir: str):
+  """The dataset under ``tfds_dir``, or None where none was prepared."""
+  if not os.path.isdir(os.path.join(tfds_dir, DATASET_NAME)):
+    return None
+  try:
+    return open_pairs(tfds_dir)
+  except InputError:
+    return None
+
+
+def ensure_pairs(config, graphdef, frozen, negative: np.ndarray):
+  """The ODE pairs of ``config.ode`` as a sequence (npz paths, or tfds records with ``pairs_format='tfds'``);
+  missing ones (up to ``ode.num_prompts``) are generated from the prompts of ``config.data`` with the frozen base as
+  teacher (resumable: existing files are kept) and, for tfds, then packed (see module doc)."""
   from helios_jax.training.trainer import make_source
   o = config.ode
+  fmt = o.get("pairs_format", "npz")
+  if fmt not in PAIRS_FORMATS:
+    raise InputError(f"ode.pairs_format {fmt!r} is not one of {PAIRS_FORMATS}")
   folder = o.data_dir
+  need = int(o.num_prompts)
+  if fmt == "tfds":
+    _tfds()  # fail before generating anything
+    if not folder and not o.get("tfds_dir", ""):
+      raise InputError("ode.data_dir and ode.tfds_dir are empty: set a folder for the ODE pairs")
+    ds = _existing_tfds(_pairs_tfds_dir(o))
+    if ds is not None and len(ds) >= need:
+      return ds
   if not folder:
     raise InputError("ode.data_dir is empty: set a folder for the ODE pairs")
   have = list_pairs(folder)
-  need = int(o.num_prompts)
-  if len(have) >= need:
+  if len(have) < need:
+    source = make_source(config)
+    d = config.data
+    shape = (int(d.channels), 9, int(d.height), int(d.width))
+    for i in range(need):
+      path = os.path.join(folder, f"pair_{i:05d}.npz")
+      if os.path.exists(path):
+        continue
+      prompt = np.asarray(source[i % len(source)]["prompt_embeds"], np.float32)
+      rec = generate_pairs((graphdef, frozen), prompt, negative, shape, config, jax.random.key(int(o.seed)))
+      write_pairs(folder, i, rec)
+    have = list_pairs(folder)
+  if fmt == "npz":
     return have
-  source = make_source(config)
-  d = config.data
-  shape = (int(d.channels), 9, int(d.height), int(d.width))
-  for i in range(need):
-    path = os.path.join(folder, f"pair_{i:05d}.npz")
-    if os.path.exists(path):
-      continue
-    prompt = np.asarray(source[i % len(source)]["prompt_embeds"], np.float32)
-    rec = generate_pairs((graphdef, frozen), prompt, negative, shape, config, jax.random.key(int(o.seed)))
-    write_pairs(folder, i, rec)
-  return list_pairs(folder)
+  convert_pairs(folder, _pairs_tfds_dir(o))
+  return open_pairs(_pairs_tfds_dir(o))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # ODE regression
 
-def ode_batch(files: list[str], step: int, cfg) -> dict:
-  """Host-side draw for step ``step`` (pure function of the files, seed and step): the selected sections' stage
-  latents, timesteps, sigmas, end points and histories, all with a leading batch axis of 1."""
+def ode_batch(pairs, step: int, cfg) -> dict:
+  """Host-side draw for step ``step`` (pure function of the pairs, seed and step): the selected sections' stage
+  latents, timesteps, sigmas, end points and histories, all with a leading batch axis of 1. ``pairs``: a sequence
+  of npz paths (:func:`list_pairs`) or of records (:func:`open_pairs`)."""
+  _, idx = data.sample_index(step, len(pairs), int(cfg.data.seed))
+  item = pairs[idx]
+  if isinstance(item, (str, os.PathLike)):
+    with np.load(item) as rec:
+      return _draw(rec, step, cfg)
+  return _draw(item, step, cfg)
+
+
+def _draw(rec, step: int, cfg) -> dict:
+  """:func:`ode_batch` on one record (an open npz or a dict of arrays)."""
   o = cfg.ode
-  epoch, idx = data.sample_index(step, len(files), int(cfg.data.seed))
-  rec = np.load(files[idx])
   n_sec = int(o.num_sections)
   n_stages = int(cfg.objective.pyramid_stages)
   rng = np.random.default_rng([int(cfg.seed), int(step)])
@@ -223,7 +357,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   graphdef, frozen = nnx.split(stages.build_model(config.model))
   frozen = layout.place(frozen)
   with jax.set_mesh(layout.mesh):
-    files = ensure_pairs(config, graphdef, frozen, negative_embeds(config))
+    pairs = ensure_pairs(config, graphdef, frozen, negative_embeds(config))
   tx, schedule = state_lib.make_optimizer(config.optim)
 
   def init(f):
@@ -251,7 +385,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   holder = dict(state=state, next=start)
 
   def next_batch():
-    b = ode_batch(files, holder["next"], config)
+    b = ode_batch(pairs, holder["next"], config)
     holder["next"] += 1
     return b
 
@@ -276,4 +410,26 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     export_merged(os.path.join(workdir, "merged"), graphdef, frozen, state.get("ema", state["trainable"]),
                   config.train)
   return dict(start_step=start, final_step=final_step, losses=losses_, stopped_by=stopped,
-              resumed_from=resumed_from, num_trainable=lora.count(state["trainable"]), num_pairs=len(files))
+              resumed_from=resumed_from, num_trainable=lora.count(state["trainable"]), num_pairs=len(pairs))
+
+
+def main(argv=None) -> int:
+  """CLI: ``python -m helios_jax.training.ode --convert PAIR_FOLDER [--tfds-dir DIR]`` packs npz pairs into tfds."""
+  import argparse
+  from helios_jax.errors import HeliosError
+  p = argparse.ArgumentParser(description="Pack a folder of ODE-pair npz files into the helios_ode_pairs tfds dataset")
+  p.add_argument("--convert", required=True, help="folder of pair_*.npz (ode.data_dir)")
+  p.add_argument("--tfds-dir", default="", help="tfds data_dir (default <folder>/tfds, what ode.tfds_dir='' reads)")
+  a = p.parse_args(argv)
+  try:
+    path = convert_pairs(a.convert, a.tfds_dir)
+  except HeliosError as e:
+    print(f"error: {e}")
+    return 1
+  print(f"dataset at {path}; train with --config.ode.pairs_format=tfds --config.ode.data_dir={a.convert}"
+        + (f" --config.ode.tfds_dir={a.tfds_dir}" if a.tfds_dir else ""))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
