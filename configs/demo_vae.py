@@ -3,7 +3,9 @@
 Same architecture as the Wan2.1 VAE Helios uses (8x spatial / 4x temporal compression, 16 latent channels), with
 base width 16 instead of 96 and one residual block per level instead of two (2.6M parameters, 10 MB in float32;
 decoding a 33-frame 128x128 chunk costs about 2x less CPU time than base width 32 with multipliers (1, 2, 2, 2)). ``:tiny`` trains in seconds on a CPU
-(tests and ``benchmarks/train_demo.py --quick``).
+(tests and ``benchmarks/train_demo.py --quick``). ``:decoder`` is the decoder-only fine-tune of a trained VAE on
+posterior means of 33-frame clips (``vae_train.finetune_decoder``, ``benchmarks/finetune_demo_vae.py``): it keeps
+the encoder, so encoded data and the DiTs trained on them stay valid.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.frames = 33
   c.data.max_start = 200  # clips start at a random frame in [0, max_start]
 
+  if arg == "decoder":  # helios_jax.training.vae_train.finetune_decoder (benchmarks/finetune_demo_vae.py)
+    c.total_steps = 400
+    c.batch_size = 2
+    c.log_every = 10
+    c.optim.learning_rate = 2e-4
+    c.objective.mse_weight = 1.0
   if arg == "tiny":
     c.total_steps = 4
     c.batch_size = 2
@@ -58,6 +66,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.width = 64
     c.data.frames = 5
     c.data.max_start = 10
-  elif arg:
-    raise ValueError(f"unknown config variant {arg!r} (use '' or 'tiny')")
+  elif arg not in ("", "decoder"):
+    raise ValueError(f"unknown config variant {arg!r} (use '', 'decoder' or 'tiny')")
   return c

@@ -150,6 +150,64 @@ def train_vae(config, workdir: str, progress: bool = False) -> tuple[Autoencoder
   return model, losses
 
 
+def _decoder_filter():
+  """The parameters a decoder fine-tune trains: ``post_quant_conv`` and ``decoder`` (encoder side frozen)."""
+  return nnx.All(nnx.Param, nnx.Any(nnx.PathContains("decoder"), nnx.PathContains("post_quant_conv")))
+
+
+def finetune_decoder(model: AutoencoderKLWan, config, workdir: str, progress: bool = False
+                     ) -> tuple[AutoencoderKLWan, list[float], int]:
+  """Fine-tunes only the decoder of a trained VAE on posterior *means* of ``config.data.frames``-frame clips.
+
+  The encoder, ``quant_conv`` and ``latents_mean`` / ``latents_std`` stay as they are, so every latent already
+  encoded with this VAE (the demo's training set) and every DiT trained on them stay valid; only decoding gets
+  better. Loss: ``mean |x - D(mu)| + mse_weight * mean (x - D(mu))^2``. Scenes come from stream
+  ``config.data.seed + 7`` (not the stream the VAE was trained on). ``config.max_seconds`` caps the wall time as in
+  :func:`train_vae`. Returns (the model with the fine-tuned decoder, logged losses, steps done).
+  """
+  scfg = scene_config(config.data)
+  graphdef, train_params, frozen = nnx.split(model, _decoder_filter(), ...)
+  lr = float(config.optim.learning_rate)
+  tx = optax.chain(optax.clip_by_global_norm(float(config.optim.max_grad_norm)), optax.adam(lr))
+  opt_state = tx.init(train_params)
+  mse_weight = float(config.objective.mse_weight)
+
+  def loss_fn(train_params, frozen, video):
+    m = nnx.merge(graphdef, train_params, frozen)
+    mean, _ = jnp.split(m.encode_moments(video).astype(jnp.float32), 2, axis=1)
+    recon = m.decode_latents(jax.lax.stop_gradient(mean), clip=False).astype(jnp.float32)
+    target = video[:, :, :recon.shape[2]].astype(jnp.float32)
+    l1, mse = jnp.mean(jnp.abs(recon - target)), jnp.mean((recon - target) ** 2)
+    return l1 + mse_weight * mse, dict(l1=l1, mse=mse)
+
+  @jax.jit
+  def step_fn(train_params, opt_state, frozen, video):
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_params, frozen, video)
+    updates, opt_state = tx.update(grads, opt_state, train_params)
+    return optax.apply_updates(train_params, updates), opt_state, dict(loss=loss, **parts)
+
+  writer = metrics.MetricsWriter(workdir, tensorboard=False)
+  b, f = int(config.batch_size), int(config.data.frames)
+  losses, t0, done = [], time.perf_counter(), 0
+  budget = float(config.get("max_seconds", 0) or 0)
+  for step in range(int(config.total_steps)):
+    if budget and step > 0 and time.perf_counter() - t0 > budget:
+      print(f"vae decoder: wall-clock budget of {budget:.0f} s reached after {step} steps", flush=True)
+      break
+    done = step + 1
+    video = clip_batch(int(config.data.seed) + 7, step, b, f, int(config.data.max_start), scfg)
+    train_params, opt_state, m = step_fn(train_params, opt_state, frozen, video)
+    if (step + 1) % int(config.log_every) == 0 or step + 1 == int(config.total_steps):
+      m = {k: float(v) for k, v in m.items()}
+      losses.append(m["loss"])
+      writer.write(step + 1, dict(**m, elapsed=time.perf_counter() - t0))
+      if progress:
+        print(f"vae decoder step {step + 1}: loss {m['loss']:.4f} l1 {m['l1']:.4f} mse {m['mse']:.4f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+  writer.close()
+  return nnx.merge(graphdef, train_params, frozen), losses, done
+
+
 def save_vae(model: AutoencoderKLWan, folder: str) -> None:
   """Writes a diffusers ``vae/`` folder (config.json + diffusion_pytorch_model.safetensors, float32)."""
   from helios_jax.io.checkpoint import save_safetensors_folder
