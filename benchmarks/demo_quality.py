@@ -33,7 +33,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from helios_jax.training import scenes  # noqa: E402
+from helios_jax.training import demo, scenes  # noqa: E402
 
 WINDOW = 33
 HELD_OUT_SEED = 2024
@@ -51,10 +51,7 @@ def locate(frames: np.ndarray, colour: np.ndarray, tol: float) -> tuple[np.ndarr
   return np.stack([cx, cy], axis=-1), count >= 4  # fewer than 4 pixels: not found
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Per-frame PSNR (dB) of (F, H, W, 3) images in [0, 1]."""
-  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
-  return 10 * np.log10(1.0 / np.maximum(mse, 1e-10))
+psnr = demo.frame_psnr  # per-frame PSNR (dB) of (F, H, W, 3) images in [0, 1]
 
 
 def clip_metrics(frames: np.ndarray, truth: np.ndarray, params: dict, positions: np.ndarray, tol: float) -> dict:

@@ -424,13 +424,12 @@ class HeliosPipelineBase:
     if self.vae is None:
       raise InputError("image input needs a VAE to encode it; load one or pass image_latents and "
                        "fake_image_latents instead")
-    sample = lambda pixels: self._encode_latents(pixels, noise_source)
     pixels = jnp.asarray(preprocess_image(image, height, width, self.vae_scale_spatial))[:, :, None]  # (B,3,1,H,W)
     if image_latents is None:
-      image_latents = sample(pixels)
+      image_latents = self._encode_latents(pixels, noise_source)
     if fake_image_latents is None:
       min_frames = (layout.chunk - 1) * self.vae_scale_temporal + 1
-      fake = sample(jnp.repeat(pixels, min_frames, axis=2))
+      fake = self._encode_latents(jnp.repeat(pixels, min_frames, axis=2), noise_source)
       fake_image_latents = fake[:, :, -1:]
     return image_latents, fake_image_latents
 
@@ -452,8 +451,8 @@ class HeliosPipelineBase:
     if num_win == 0:
       raise InputError(f"the video has {num_frames} frames; V2V needs at least {min_frames} (one chunk of "
                        f"{layout.chunk} latent frames)")
-    sample = lambda pixels: self._encode_latents(pixels, noise_source)
     start = num_frames - num_win * min_frames
-    first = sample(pixels[:, :, 0:1])
-    windows = [sample(pixels[:, :, start + i * min_frames:start + (i + 1) * min_frames]) for i in range(num_win)]
+    first = self._encode_latents(pixels[:, :, 0:1], noise_source)
+    windows = [self._encode_latents(pixels[:, :, start + i * min_frames:start + (i + 1) * min_frames], noise_source)
+               for i in range(num_win)]
     return first, jnp.concatenate(windows, axis=2)

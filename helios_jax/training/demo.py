@@ -132,9 +132,14 @@ def reconstruction_psnr(vae, scene_cfg: scenes.SceneConfig, num_clips: int = 4, 
     video = jnp.transpose(jnp.asarray(pixels[i:i + 1], jnp.float32) * 2.0 - 1.0, (0, 4, 1, 2, 3))
     recon = vae.decode(vae.encode(video).latent_dist.mean).sample  # (1, 3, F, H, W) in [-1, 1]
     recon = (np.asarray(recon[0], np.float64).transpose(1, 2, 3, 0) + 1.0) / 2.0
-    mse = np.mean((np.clip(recon, 0.0, 1.0) - pixels[i]) ** 2, axis=(1, 2, 3))
-    out[i] = -10.0 * np.log10(np.maximum(mse, 1e-12))
+    out[i] = frame_psnr(np.clip(recon, 0.0, 1.0), pixels[i])
   return out
+
+
+def frame_psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Per-frame PSNR (dB) of (F, H, W, 3) images in [0, 1]: (F,) float64."""
+  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
+  return 10 * np.log10(1.0 / np.maximum(mse, 1e-10))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -162,8 +162,9 @@ def finetune_decoder(model: AutoencoderKLWan, config, workdir: str, progress: bo
   The encoder, ``quant_conv`` and ``latents_mean`` / ``latents_std`` stay as they are, so every latent already
   encoded with this VAE (the demo's training set) and every DiT trained on them stay valid; only decoding gets
   better. Loss: ``mean |x - D(mu)| + mse_weight * mean (x - D(mu))^2``. Scenes come from stream
-  ``config.data.seed + 7`` (not the stream the VAE was trained on). ``config.max_seconds`` caps the wall time as in
-  :func:`train_vae`. Returns (the model with the fine-tuned decoder, logged losses, steps done).
+  ``config.data.seed + 7`` (not the stream the VAE was trained on). ``config.max_seconds`` caps the wall time,
+  counted from the start (the first step's compilation included, unlike :func:`train_vae`). Returns (the model
+  with the fine-tuned decoder, logged losses, steps done).
   """
   scfg = scene_config(config.data)
   graphdef, train_params, frozen = nnx.split(model, _decoder_filter(), ...)
