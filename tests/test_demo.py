@@ -357,3 +357,32 @@ def test_vae_reconstruction_psnr_sees_a_broken_decoder():
   broken = nnx.merge(graphdef, jax.tree.map(lambda a: a * 0.0 if a.ndim == 5 and a.shape[-1] == 3 else a, state))
   bad = demo.reconstruction_psnr(broken, cfg, num_clips=1, frames=9)
   assert bad.mean() < good.mean() - 3.0
+
+
+def test_vae_learning_rate_follows_the_budget_when_it_ends_first():
+  """``budgeted_lr``: the schedule runs over the steps or the wall-clock budget, whichever ends first."""
+  import optax
+  from helios_jax.training import vae_train
+  sched = optax.warmup_cosine_decay_schedule(0.0, 1.0, 10, 100, 0.05)
+  assert vae_train.budgeted_lr(sched, 50, 100, 0.0, 0.0) == float(sched(50))  # no budget: by step
+  assert vae_train.budgeted_lr(sched, 20, 100, 90.0, 100.0) == float(sched(90))  # budget 90% spent at step 20
+  assert vae_train.budgeted_lr(sched, 60, 100, 10.0, 100.0) == float(sched(60))  # steps ahead of the budget
+  assert abs(vae_train.budgeted_lr(sched, 30, 100, 500.0, 100.0) - 0.05) < 1e-6  # past the budget: final lr
+
+
+def test_vae_first_frame_weight_weighs_frame_zero():
+  """With ``first_frame_weight`` k the reconstruction terms are per-frame means weighted (k, 1, 1, ...)."""
+  from helios_jax.training import vae_train
+  c = _tiny_vae_config()
+  c.data.frames = 5
+  model = _numpy_vae(vae_train.vae_config(c.model), 0)
+  video = vae_train.clip_batch(0, 0, 2, 5, 0, vae_train.scene_config(c.data))
+  eps = jax.random.normal(jax.random.key(0), (2, 4, 2, 8, 8))
+  _, plain = vae_train.vae_loss(model, video, eps, 0.0, 1.0)
+  _, weighted = vae_train.vae_loss(model, video, eps, 0.0, 1.0, first_frame_weight=4.0)
+  mean, logvar = jnp.split(model.encode_moments(video), 2, axis=1)
+  recon = np.asarray(model.decode_latents(mean + jnp.exp(0.5 * logvar) * eps, clip=False), np.float64)
+  per_frame = np.mean(np.abs(recon - np.asarray(video, np.float64)), axis=(0, 1, 3, 4))  # (5,)
+  np.testing.assert_allclose(float(plain["l1"]), per_frame.mean(), rtol=1e-4)
+  np.testing.assert_allclose(float(weighted["l1"]), (4 * per_frame[0] + per_frame[1:].sum()) / 8, rtol=1e-4)
+  assert abs(float(weighted["l1"]) - float(plain["l1"])) > 1e-6

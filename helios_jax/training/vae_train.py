@@ -2,8 +2,12 @@
 
 Objective (as simple as works, the usual KL-autoencoder recipe without the adversarial and perceptual terms)::
 
-    loss = mean |x - D(z)| + mse_weight * mean (x - D(z))^2 + kl_weight * mean KL(q(z|x) || N(0, I)),
+    loss = mean_w |x - D(z)| + mse_weight * mean_w (x - D(z))^2 + kl_weight * mean KL(q(z|x) || N(0, I)),
     z ~ q(z|x) = N(mean, exp(logvar))   (reparameterised),
+
+where ``mean_w`` is a per-frame weighted mean: frame 0 weighs ``first_frame_weight`` times a later frame. The Wan
+VAE encodes frame 0 alone into the first latent, and that single-frame latent is what image-to-video conditions on;
+with plain averaging it is one frame in 33 and the first demo VAE decoded it to a nearly flat colour.
 
 on short clips (``config.data.frames`` frames, 1 + 4k) rendered on the fly from :mod:`helios_jax.training.scenes`.
 Every step is a pure function of (seed, step): scene indices ``step * B .. step * B + B - 1`` and a start frame
@@ -41,26 +45,35 @@ def scene_config(data_cfg) -> scenes.SceneConfig:
 
 
 def vae_loss(model: AutoencoderKLWan, video: jax.Array, eps: jax.Array, kl_weight: float,
-             mse_weight: float) -> tuple[jax.Array, dict]:
-  """Loss of one batch. video (B, 3, F, H, W) in [-1, 1]; eps (B, z, T, h, w) standard normal draws."""
+             mse_weight: float, first_frame_weight: float = 1.0) -> tuple[jax.Array, dict]:
+  """Loss of one batch. video (B, 3, F, H, W) in [-1, 1]; eps (B, z, T, h, w) standard normal draws.
+
+  The reported ``l1`` / ``mse`` are the frame-weighted means (plain means when ``first_frame_weight`` is 1).
+  """
   moments = model.encode_moments(video)
   mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=1)
   logvar = jnp.clip(logvar, -30.0, 20.0)  # the clamp of diffusers' DiagonalGaussianDistribution
   z = mean + jnp.exp(0.5 * logvar) * eps
   recon = model.decode_latents(z, clip=False).astype(jnp.float32)
   target = video[:, :, :recon.shape[2]].astype(jnp.float32)
-  l1 = jnp.mean(jnp.abs(recon - target))
-  mse = jnp.mean((recon - target) ** 2)
+  w = jnp.ones((recon.shape[2],), jnp.float32).at[0].set(first_frame_weight)
+  w = w / jnp.sum(w)  # (F,) frame weights summing to 1
+
+  def frame_mean(err):  # (B, C, F, H, W) -> weighted mean over frames of the per-frame means
+    return jnp.sum(jnp.mean(err, axis=(0, 1, 3, 4)) * w)
+
+  l1 = frame_mean(jnp.abs(recon - target))
+  mse = frame_mean((recon - target) ** 2)
   kl = jnp.mean(0.5 * (mean ** 2 + jnp.exp(logvar) - 1.0 - logvar))
   loss = l1 + mse_weight * mse + kl_weight * kl
   return loss, dict(l1=l1, mse=mse, kl=kl)
 
 
-def make_train_step(graphdef, tx, kl_weight: float, mse_weight: float):
+def make_train_step(graphdef, tx, kl_weight: float, mse_weight: float, first_frame_weight: float = 1.0):
   """Jitted ``step(params, opt_state, video, eps) -> (params, opt_state, metrics)``."""
 
   def loss_fn(params, video, eps):
-    return vae_loss(nnx.merge(graphdef, params), video, eps, kl_weight, mse_weight)
+    return vae_loss(nnx.merge(graphdef, params), video, eps, kl_weight, mse_weight, first_frame_weight)
 
   @jax.jit
   def step(params, opt_state, video, eps):
@@ -101,12 +114,22 @@ def latent_stats(model: AutoencoderKLWan, seed: int, clips: int, batch: int, fra
   return mu.astype(np.float32), std.astype(np.float32)
 
 
+def budgeted_lr(schedule, step: int, total_steps: int, elapsed: float, budget: float) -> float:
+  """Learning rate of ``schedule`` (a function of the step) at the larger of the fractions of the steps and of the
+  wall-clock budget done (``budget`` 0 = steps only)."""
+  done = step / total_steps
+  if budget > 0:
+    done = max(done, min(elapsed / budget, 1.0))
+  return float(schedule(int(done * total_steps)))
+
+
 def train_vae(config, workdir: str, progress: bool = False) -> tuple[AutoencoderKLWan, list[float]]:
   """Trains the VAE of ``config`` (configs/demo_vae.py); returns (model with latents mean/std set, losses).
 
   Writes ``workdir/metrics.jsonl``. The model is float32. ``config.max_seconds`` (0 = off) stops the loop early
   on a wall-clock budget counted from the end of the first (compiling) step (the GPU script uses it so one command
-  always finishes).
+  always finishes). The learning-rate schedule (warmup then cosine decay) runs over whichever ends first, the steps
+  or the budget: a run stopped by its budget still ends at the low learning rate.
   """
   cfg = vae_config(config.model)
   scfg = scene_config(config.data)
@@ -115,9 +138,11 @@ def train_vae(config, workdir: str, progress: bool = False) -> tuple[Autoencoder
   lr, warm = float(config.optim.learning_rate), min(int(config.optim.warmup_steps), int(config.total_steps) // 2)
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(int(config.total_steps), warm + 1),
                                                 float(config.optim.final_lr_fraction) * lr)
-  tx = optax.chain(optax.clip_by_global_norm(float(config.optim.max_grad_norm)), optax.adam(schedule))
+  tx = optax.chain(optax.clip_by_global_norm(float(config.optim.max_grad_norm)),
+                   optax.inject_hyperparams(optax.adam)(learning_rate=lr))
   opt_state = tx.init(params)
-  step_fn = make_train_step(graphdef, tx, float(config.objective.kl_weight), float(config.objective.mse_weight))
+  step_fn = make_train_step(graphdef, tx, float(config.objective.kl_weight), float(config.objective.mse_weight),
+                            float(config.objective.get("first_frame_weight", 1.0)))
   writer = metrics.MetricsWriter(workdir, tensorboard=False)
   b, f = int(config.batch_size), int(config.data.frames)
   t_lat = cfg.num_latent_frames(f)
@@ -131,6 +156,8 @@ def train_vae(config, workdir: str, progress: bool = False) -> tuple[Autoencoder
       break
     video = clip_batch(int(config.data.seed), step, b, f, int(config.data.max_start), scfg)
     eps = jax.random.normal(jax.random.fold_in(jax.random.key(int(config.seed)), step), (b, cfg.z_dim, t_lat, h, w))
+    lr_now = budgeted_lr(schedule, step, int(config.total_steps), time.perf_counter() - t0 if step else 0.0, budget)
+    opt_state[1].hyperparams["learning_rate"] = jnp.asarray(lr_now, jnp.float32)
     params, opt_state, m = step_fn(params, opt_state, video, eps)
     if step == 0:  # the budget counts training, not the first step's compilation
       jax.block_until_ready(params)
@@ -138,7 +165,7 @@ def train_vae(config, workdir: str, progress: bool = False) -> tuple[Autoencoder
     if (step + 1) % int(config.log_every) == 0 or step + 1 == int(config.total_steps):
       m = {k: float(v) for k, v in m.items()}
       losses.append(m["loss"])
-      writer.write(step + 1, dict(**m, lr=float(schedule(step)), elapsed=time.perf_counter() - t0,
+      writer.write(step + 1, dict(**m, lr=lr_now, elapsed=time.perf_counter() - t0,
                                   first_step_s=compile_s))
       if progress:
         print(f"vae step {step + 1}: loss {m['loss']:.4f} l1 {m['l1']:.4f} kl {m['kl']:.3f}", flush=True)
