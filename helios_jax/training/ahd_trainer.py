@@ -291,41 +291,24 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   roles = make_roles(config, graphdef)
   tx_gen, _ = state_lib.make_optimizer(config.optim)
   tx_critic, _ = state_lib.make_optimizer(config.critic_optim)
-  state, ckpt, resumed_from, start, save_state = loop.open_run(
-      config, workdir, init_state(config, trunks, model_config, tx_gen, tx_critic, layout))
-
-  source = make_source(config)
-  prefetch = data.Prefetcher(source, start, int(config.batch_size), int(config.data.seed),
+  opened = loop.open_run(config, workdir, init_state(config, trunks, model_config, tx_gen, tx_critic, layout))
+  prefetch = data.Prefetcher(make_source(config), opened.start, int(config.batch_size), int(config.data.seed),
                              batch_fn=data.get_pair_batch)
   negative = mesh_lib.place(negative_embeds(config), mesh_lib.replicated(layout.mesh))
-  writer = loop.metrics_writer(workdir)
-  total = int(config.total_steps)
-  holder = dict(state=state, phases=None)
+  phases = []  # built at the first step, from its batch's shape
 
-  def do_step(step, batch):
+  def do_step(st, step, batch):
     batch = layout.place_batch(batch)
-    if holder["phases"] is None:
-      holder["phases"] = Phases(config, roles, tx_gen, tx_critic, batch["target"].shape, layout, holder["state"])
-    new, m = train_step(holder["phases"], trunks, holder["state"], batch, negative, step)
-    return m, lambda: holder.__setitem__("state", new)
+    if not phases:
+      phases.append(Phases(config, roles, tx_gen, tx_critic, batch["target"].shape, layout, st))
+    return train_step(phases[0], trunks, st, batch, negative, step)
 
-  try:
-    with jax.set_mesh(layout.mesh):
-      losses_, stopped, _ = loop.run(start=start, total=total, next_batch=lambda: prefetch.next()[1],
-                                     do_step=do_step, save=lambda: save_state(holder["state"]), writer=writer,
-                                     log_every=int(config.log_every), checkpoint_every=int(config.checkpoint.every),
-                                     checkpoint_dir=ckpt.directory, last_saved=resumed_from,
-                                     progress=progress and jax.process_index() == 0, desc="train ahd",
-                                     loss_key="critic_loss")
-  finally:
-    prefetch.close()
-    writer.close()
-    ckpt.close()
-  state = holder["state"]
-  final_step = int(jax.device_get(state["step"]))
-  if config.export_merged and stopped is None and final_step >= total:
-    export = offload.to_device(state["ema"]) if "ema" in state else state["gen"]["trainable"]
-    export_merged(os.path.join(workdir, "merged"), graphdef, offload.to_device(trunks.gen), export, config.train)
-  return dict(start_step=start, final_step=final_step, losses=losses_, stopped_by=stopped,
-              resumed_from=resumed_from, num_trainable=lora.count(state["gen"]["trainable"]),
+  def export(st):
+    trainable = offload.to_device(st["ema"]) if "ema" in st else st["gen"]["trainable"]
+    export_merged(os.path.join(workdir, "merged"), graphdef, offload.to_device(trunks.gen), trainable, config.train)
+
+  state, summary = loop.run_from_config(config, workdir, opened, do_step, lambda: prefetch.next()[1],
+                                        desc="train ahd", loss_key="critic_loss", progress=progress,
+                                        mesh=layout.mesh, close=prefetch.close, export=export)
+  return dict(summary, num_trainable=lora.count(state["gen"]["trainable"]),
               num_critic_trainable=lora.count(state["critic"]["trainable"]))

@@ -2,10 +2,13 @@
 
 The caller owns the train state; ``do_step(step, batch)`` returns ``(metrics, commit)`` and ``commit()`` makes the
 new state current: it is only called once every metric is finite, so a non-finite state is never current or saved.
+Every trainer runs through :func:`run_from_config`, which owns the state of an :func:`open_run` run.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import math
 import os
@@ -47,11 +50,14 @@ class _StopFlag:
       signal.signal(s, h)
 
 
-def open_run(config, workdir: str, state: dict):
+OpenRun = collections.namedtuple("OpenRun", "state ckpt resumed_from start save")
+
+
+def open_run(config, workdir: str, state: dict) -> OpenRun:
   """Creates ``workdir``, resumes ``state`` from its latest checkpoint (config checked) and writes config.json.
 
-  Returns ``(state, checkpointer, resumed_from, start_step, save)`` where ``save(state)`` checkpoints a state with
-  the run's metadata (seed, data position = step, config).
+  Returns ``OpenRun(state, ckpt, resumed_from, start, save)`` (checkpointer, start step) where ``save(state)``
+  checkpoints a state with the run's metadata (seed, data position = step, config).
   """
   os.makedirs(workdir, exist_ok=True)
   cfg_json = json.loads(config.to_json_best_effort())
@@ -68,7 +74,7 @@ def open_run(config, workdir: str, state: dict):
     step = int(jax.device_get(s["step"]))
     return ckpt.save(s, dict(seed=int(config.seed), data_position=step, config=cfg_json))
 
-  return state, ckpt, resumed_from, int(jax.device_get(state["step"])), save
+  return OpenRun(state, ckpt, resumed_from, int(jax.device_get(state["step"])), save)
 
 
 def metrics_writer(workdir: str) -> metrics.MetricsWriter:
@@ -130,3 +136,45 @@ def run(*, start: int, total: int, next_batch: Callable[[], dict], do_step: Call
   finally:
     bar.close()
   return losses, stopped, last_saved
+
+
+def run_from_config(config, workdir: str, opened: OpenRun, step: Callable[[dict, int, dict], tuple[dict, dict]],
+                    next_batch: Callable[[], dict], *, desc: str, loss_key: str, progress: bool, mesh=None,
+                    close: Callable[[], None] | None = None, extra_metrics: Callable[[dict], dict] | None = None,
+                    after_step: Callable[[int, dict], None] | None = None,
+                    export: Callable[[dict], None] | None = None) -> tuple[dict, dict]:
+  """:func:`run` of an :func:`open_run` run with ``config``'s total_steps, log_every and checkpoint.every, logging to
+  :func:`metrics_writer`, under ``jax.set_mesh(mesh)`` when given. Returns ``(final state, dict(start_step,
+  final_step, losses, stopped_by, resumed_from))``. ``step(state, step, batch)`` returns ``(new state, metrics)``,
+  ``after_step(steps_done, state)`` sees the committed state; ``close()`` (e.g. a prefetcher's), the writer and the
+  checkpointer are closed however the run ends; ``export(state)`` runs on the final state when
+  ``config.export_merged`` is set and the run reached ``total_steps``.
+  """
+  holder = dict(state=opened.state)
+  total = int(config.total_steps)
+  writer = metrics_writer(workdir)
+
+  def do_step(i, batch):
+    new, m = step(holder["state"], i, batch)
+    return m, lambda: holder.__setitem__("state", new)
+
+  try:
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+      losses, stopped, _ = run(start=opened.start, total=total, next_batch=next_batch, do_step=do_step,
+                               save=lambda: opened.save(holder["state"]), writer=writer,
+                               log_every=int(config.log_every), checkpoint_every=int(config.checkpoint.every),
+                               checkpoint_dir=opened.ckpt.directory, last_saved=opened.resumed_from,
+                               progress=progress and jax.process_index() == 0, desc=desc, loss_key=loss_key,
+                               extra_metrics=extra_metrics,
+                               after_step=None if after_step is None else lambda n: after_step(n, holder["state"]))
+  finally:
+    if close is not None:
+      close()
+    writer.close()
+    opened.ckpt.close()
+  state = holder["state"]
+  final_step = int(jax.device_get(state["step"]))
+  if export is not None and config.export_merged and stopped is None and final_step >= total:
+    export(state)
+  return state, dict(start_step=opened.start, final_step=final_step, losses=losses, stopped_by=stopped,
+                     resumed_from=opened.resumed_from)

@@ -36,6 +36,7 @@ is one prompt (``batch_size`` is not used), so it is replicated: ``fsdp`` saves 
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 
 import jax
@@ -366,7 +367,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
       st["ema"] = jax.tree.map(jnp.copy, st["trainable"])
     return st
 
-  state, ckpt, resumed_from, start, save_state = loop.open_run(config, workdir, layout.init(init, frozen))
+  opened = loop.open_run(config, workdir, layout.init(init, frozen))
   scale = stages.lora_scale(config.train)
   e = config.ema
 
@@ -380,37 +381,15 @@ def train(config, workdir: str, progress: bool = True) -> dict:
       new["ema"] = ema_lib.ema_update(st["ema"], new["trainable"], st["step"] + 1, int(e.start_step), float(e.decay))
     return new, dict(ode_loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(st["step"]))
 
-  step_jit = layout.jit_step(step_fn, state, frozen, batch_sharding=mesh_lib.replicated(layout.mesh))
-  writer = loop.metrics_writer(workdir)
-  holder = dict(state=state, next=start)
+  step_jit = layout.jit_step(step_fn, opened.state, frozen, batch_sharding=mesh_lib.replicated(layout.mesh))
+  steps = itertools.count(opened.start)  # the data position of each next batch
 
-  def next_batch():
-    b = ode_batch(pairs, holder["next"], config)
-    holder["next"] += 1
-    return b
-
-  def do_step(step, batch):
-    new, m = step_jit(holder["state"], frozen, layout.place_batch(batch))
-    return m, lambda: holder.__setitem__("state", new)
-
-  try:
-    with jax.set_mesh(layout.mesh):
-      losses_, stopped, _ = loop.run(start=start, total=int(config.total_steps), next_batch=next_batch,
-                                     do_step=do_step, save=lambda: save_state(holder["state"]), writer=writer,
-                                     log_every=int(config.log_every), checkpoint_every=int(config.checkpoint.every),
-                                     checkpoint_dir=ckpt.directory, last_saved=resumed_from,
-                                     progress=progress and jax.process_index() == 0, desc="train ode",
-                                     loss_key="ode_loss")
-  finally:
-    writer.close()
-    ckpt.close()
-  state = holder["state"]
-  final_step = int(jax.device_get(state["step"]))
-  if config.export_merged and stopped is None and final_step >= int(config.total_steps):
-    export_merged(os.path.join(workdir, "merged"), graphdef, frozen, state.get("ema", state["trainable"]),
-                  config.train)
-  return dict(start_step=start, final_step=final_step, losses=losses_, stopped_by=stopped,
-              resumed_from=resumed_from, num_trainable=lora.count(state["trainable"]), num_pairs=len(pairs))
+  state, summary = loop.run_from_config(
+      config, workdir, opened, lambda st, step, batch: step_jit(st, frozen, layout.place_batch(batch)),
+      lambda: ode_batch(pairs, next(steps), config), desc="train ode", loss_key="ode_loss", progress=progress,
+      mesh=layout.mesh, export=lambda st: export_merged(os.path.join(workdir, "merged"), graphdef, frozen,
+                                                        st.get("ema", st["trainable"]), config.train))
+  return dict(summary, num_trainable=lora.count(state["trainable"]), num_pairs=len(pairs))
 
 
 def main(argv=None) -> int:

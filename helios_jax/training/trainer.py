@@ -1,10 +1,9 @@
-"""Stage 1-2 training: build, resume, run :func:`helios_jax.training.loop.run`, export the merged model."""
+"""Stage 1-2 training: build, resume, run :func:`helios_jax.training.loop.run_from_config`, export the merged model."""
 
 from __future__ import annotations
 
 import os
 
-import jax
 from flax import nnx
 
 from helios_jax.errors import InputError
@@ -55,43 +54,29 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   seed = int(config.seed)
   state = layout.init(lambda f: state_lib.init_train_state(stages.init_trainable(f, config.train, seed), tx, seed),
                       frozen)
-  state, ckpt, resumed_from, start, save_state = loop.open_run(config, workdir, state)
-  step_fn = stages.make_train_step(config, graphdef, tx, schedule, layout=layout, example=(state, frozen))
+  opened = loop.open_run(config, workdir, state)
+  step_fn = stages.make_train_step(config, graphdef, tx, schedule, layout=layout, example=(opened.state, frozen))
   validator = validation.make_validator(config, workdir)  # None unless config.validation.vae is set
-  total = int(config.total_steps)
-  prefetch = data.Prefetcher(make_source(config), start, int(config.batch_size), int(config.data.seed))
-  writer = loop.metrics_writer(workdir)
-  holder = dict(state=state, tokens=None)
+  prefetch = data.Prefetcher(make_source(config), opened.start, int(config.batch_size), int(config.data.seed))
+  tokens = []  # per step, from the first batch's shape
 
-  def do_step(step, batch):
-    if holder["tokens"] is None:
-      holder["tokens"] = stages.tokens_per_step(batch["target"].shape, config.stage,
-                                                tuple(config.objective.stage2_sample_ratios))
-    new, m = step_fn(holder["state"], frozen, layout.place_batch(batch))
-    return m, lambda: holder.__setitem__("state", new)
+  def do_step(st, step, batch):
+    if not tokens:
+      tokens.append(stages.tokens_per_step(batch["target"].shape, config.stage,
+                                           tuple(config.objective.stage2_sample_ratios)))
+    return step_fn(st, frozen, layout.place_batch(batch))
 
   def tokens_per_s(m):
-    return dict(tokens_per_s=holder["tokens"] / max(m["step_time"], 1e-9))  # max(): a coarse timer can read 0 s
+    return dict(tokens_per_s=tokens[0] / max(m["step_time"], 1e-9))  # max(): a coarse timer can read 0 s
 
-  def validate(steps_done):  # a failure only warns
-    if validator.due(steps_done, total):
-      validator.run_safely(steps_done, graphdef, frozen, holder["state"]["trainable"])
+  def validate(steps_done, st):  # a failure only warns
+    if validator.due(steps_done, int(config.total_steps)):
+      validator.run_safely(steps_done, graphdef, frozen, st["trainable"])
 
-  try:
-    losses, stopped, _ = loop.run(start=start, total=total, next_batch=lambda: prefetch.next()[1], do_step=do_step,
-                                  save=lambda: save_state(holder["state"]), writer=writer,
-                                  log_every=int(config.log_every), checkpoint_every=int(config.checkpoint.every),
-                                  checkpoint_dir=ckpt.directory, last_saved=resumed_from,
-                                  progress=progress and jax.process_index() == 0, desc=f"train {config.stage}",
-                                  loss_key="loss", extra_metrics=tokens_per_s,
-                                  after_step=None if validator is None else validate)
-  finally:
-    prefetch.close()
-    writer.close()
-    ckpt.close()
-  state = holder["state"]
-  final_step = int(jax.device_get(state["step"]))
-  if config.export_merged and stopped is None and final_step >= total:
-    export_merged(os.path.join(workdir, "merged"), graphdef, frozen, state["trainable"], config.train)
-  return dict(start_step=start, final_step=final_step, losses=losses, stopped_by=stopped,
-              resumed_from=resumed_from, num_trainable=lora.count(state["trainable"]))
+  state, summary = loop.run_from_config(
+      config, workdir, opened, do_step, lambda: prefetch.next()[1], desc=f"train {config.stage}", loss_key="loss",
+      progress=progress, close=prefetch.close, extra_metrics=tokens_per_s,
+      after_step=None if validator is None else validate,
+      export=lambda st: export_merged(os.path.join(workdir, "merged"), graphdef, frozen, st["trainable"],
+                                      config.train))
+  return dict(summary, num_trainable=lora.count(state["trainable"]))
