@@ -203,10 +203,10 @@ def main(argv=None) -> int:
       from helios_jax.io import media
       os.makedirs(args.save_frames, exist_ok=True)
       media.write_contact_sheet(os.path.join(args.save_frames, f"{name}.png"), frames[0])
+    if args.out:  # after every model: a run cut short keeps the models it finished
+      with open(args.out, "w", encoding="utf-8") as f:
+        f.write(json.dumps(results, indent=1))
   text = json.dumps(results, indent=1)
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      f.write(text)
   if args.record:
     with open(os.path.join(ROOT, "benchmarks", "results", "demo_quality.jsonl"), "a", encoding="utf-8") as f:
       f.write(json.dumps(results) + "\n")

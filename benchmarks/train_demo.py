@@ -219,6 +219,11 @@ def run(args) -> dict:
     mid = trained.get("mid") or reused_mid
     if name == "mid":
       base = trained.get("base") or reused_base
+      if args.continue_mid:  # more steps for an already trained Mid: start from the --reuse folder's Mid
+        base = reused_mid
+        if not base:
+          _log(f"--continue-mid needs --reuse to be a Mid folder, {args.reuse!r} is not; mid skipped")
+          continue
       if not base:
         _log("mid needs a Base: add 'base' to --stages or --reuse an assembled Base folder; skipped")
         continue
@@ -253,7 +258,7 @@ def run(args) -> dict:
         continue
       budget = min(budget, left) if budget > 0 else left
     t0 = time.perf_counter()
-    wd = os.path.join(work, name)
+    wd = os.path.join(work, "mid_continued" if name == "mid" and args.continue_mid else name)  # not the Mid's run
     out = train_with_budget(cfg, wd, budget)
     merged = os.path.join(wd, "merged")
     trained[name] = merged
@@ -366,6 +371,8 @@ def main(argv=None) -> int:
   p.add_argument("--total", type=float, help=f"whole-run budget in seconds (default {TOTAL_BUDGET:.0f}; 0 = none; "
                                              "--quick: none)")
   p.add_argument("--steps", type=int, help="override total_steps of the transformer stages")
+  p.add_argument("--continue-mid", action="store_true",
+                 help="train the mid stage from the --reuse folder's Mid instead of a Base (more steps for it)")
   p.add_argument("--vae-steps", type=int, help="override total_steps of the VAE")
   p.add_argument("--clips", type=int, help="number of encoded training clips")
   p.add_argument("--posterior", default="mean", choices=("mean", "sample"),

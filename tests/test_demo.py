@@ -287,6 +287,22 @@ def test_train_demo_quick_chain(tmp_path):
   assert {"vae", "data", "base", "mid"} <= set(log["stages"])
   assert sorted(os.listdir(out)) == ["components.tar.gz", "train_log.json", "transformer_base.tar.gz",
                                      "transformer_mid.tar.gz"]
+  # --continue-mid: more Mid steps from a Mid pipeline folder (and a clear skip when --reuse is not a Mid)
+  from helios_jax.training import demo
+  comp, mid = tmp_path / "work" / "components", tmp_path / "mid_folder"
+  demo.write_pipeline_folder(str(mid), "mid", str(tmp_path / "work" / "mid" / "merged"), str(comp / "vae"),
+                             str(comp / "text_encoder"), str(comp / "tokenizer"), extra={"helios_jax_demo": "mid"})
+  base = tmp_path / "base_folder"
+  demo.write_pipeline_folder(str(base), "base", str(tmp_path / "work" / "base" / "merged"), str(comp / "vae"),
+                             str(comp / "text_encoder"), str(comp / "tokenizer"), extra={"helios_jax_demo": "base"})
+  for reuse, expect in ((mid, True), (base, False)):
+    out2 = tmp_path / f"out_{expect}"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_demo.py"), "--out", str(out2),
+                          "--quick", "--work", str(tmp_path / "work"), "--stages", "mid", "--continue-mid",
+                          "--reuse", str(reuse), "--clips", "4"], check=True, env=env, capture_output=True, text=True)
+    assert (out2 / "transformer_mid.tar.gz").exists() == expect, run.stdout
+    if not expect:
+      assert "--continue-mid needs --reuse to be a Mid folder" in run.stdout
 
 
 def test_quality_metrics_measure_a_known_shift():
@@ -386,3 +402,28 @@ def test_vae_first_frame_weight_weighs_frame_zero():
   np.testing.assert_allclose(float(plain["l1"]), per_frame.mean(), rtol=1e-4)
   np.testing.assert_allclose(float(weighted["l1"]), (4 * per_frame[0] + per_frame[1:].sum()) / 8, rtol=1e-4)
   assert abs(float(weighted["l1"]) - float(plain["l1"])) > 1e-6
+
+
+def test_demo_vae_check_reports_and_draws_the_start_scene(tmp_path):
+  """benchmarks/demo_vae_check.py: the start-scene PSNR is the reconstruction's, and the sheet is truth over recon."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import demo_vae_check
+  from helios_jax.io import media
+  from helios_jax.training import demo, scenes, vae_train
+  from PIL import Image
+  c = _tiny_vae_config()
+  model = _numpy_vae(vae_train.vae_config(c.model), 0)
+  vae_train.save_vae(model, str(tmp_path / "vae"))
+  sheet = tmp_path / "sheet.png"
+  demo_vae_check.main(["--model", str(tmp_path / "vae"), "--clips", "1", "--sheet", str(sheet),
+                       "--out", str(tmp_path / "r.json")])
+  r = json.loads((tmp_path / "r.json").read_text())
+  params, _ = demo_vae_check.start_scene()
+  truth = np.asarray(scenes.render(params, np.arange(33), scenes.SceneConfig()), np.float64)[0]
+  loaded = type(model).from_pretrained(str(tmp_path / "vae"))
+  expected = demo.frame_psnr(demo_vae_check.reconstruct(loaded, truth), truth)
+  np.testing.assert_allclose(r["start_scene_psnr"], expected.mean(), rtol=1e-6)
+  assert np.isfinite(r["held_out_psnr"])
+  img = np.asarray(Image.open(sheet))
+  assert img.shape == (2 * 128 + 2, 5 * 128 + 4 * 2, 3)
+  np.testing.assert_array_equal(img[:128, :128], media.to_uint8(truth[:1])[0])  # top-left: the true frame 0
