@@ -427,3 +427,80 @@ def test_demo_vae_check_reports_and_draws_the_start_scene(tmp_path):
   img = np.asarray(Image.open(sheet))
   assert img.shape == (2 * 128 + 2, 5 * 128 + 4 * 2, 3)
   np.testing.assert_array_equal(img[:128, :128], media.to_uint8(truth[:1])[0])  # top-left: the true frame 0
+
+
+def test_scene_coverage_marks_the_objects():
+  """``scenes.coverage``: ~1 at an object's centre, 0 far from every object, nonzero exactly where the objects change
+  the pixels, and (one object) the blend factor of its colour over the background."""
+  cfg = SMALL
+  params, _ = scenes.scene_batch(4, range(6), cfg)
+  frames = np.arange(3, 40, 9)
+  px = np.asarray(scenes.render(params, frames, cfg), np.float64)  # (B, F, H, W, 3)
+  bare = np.asarray(scenes.render(dict(params, active=np.zeros_like(params["active"])), frames, cfg), np.float64)
+  cover = np.asarray(scenes.coverage(params, frames, cfg))  # (B, F, H, W)
+  assert cover.shape == px.shape[:4] and cover.min() >= 0.0 and cover.max() <= 1.0
+  pos = scenes.object_positions(params, frames, cfg)  # (B, F, K, 2)
+  yy, xx = np.mgrid[:cfg.height, :cfg.width] + 0.5
+  far = np.ones(cover.shape, bool)
+  for b in range(cover.shape[0]):
+    for k in np.flatnonzero(params["active"][b]):
+      for f in range(len(frames)):
+        x, y = pos[b, f, k]
+        assert cover[b, f, int(y), int(x)] > 0.99
+        far[b, f] &= np.hypot(xx - x, yy - y) > 1.1 * params["radius"][b, k] + 1  # (square corners: 1.06 r)
+  assert far.any() and not cover[far].any()
+  changed = np.abs(px - bare).max(axis=-1) > 0
+  assert not (changed & (cover == 0)).any() and changed[cover > 1e-3].all()
+  one = params["active"].sum(axis=1) == 1
+  assert one.any()
+  colour = params["colour"][one, 0][:, None, None, None]  # (b, 1, 1, 1, 3)
+  blend = np.sum((px[one] - bare[one]) * (colour - bare[one]), -1) / np.sum((colour - bare[one]) ** 2, -1)
+  np.testing.assert_allclose(blend, cover[one], atol=1e-4)
+
+
+def test_vae_object_weighted_loss_matches_numpy():
+  """Pixel weights ``1 + object_weight * cover`` and frame weights together: a weighted mean over every element;
+  ``object_weight`` 0 gives exactly the unweighted loss (and training step)."""
+  import optax
+  from helios_jax.training import vae_train
+  c = _tiny_vae_config()
+  scfg = vae_train.scene_config(c.data)
+  model = _numpy_vae(vae_train.vae_config(c.model), 0)
+  video, cover = vae_train.clip_batch_with_coverage(3, 0, 2, 5, 0, scfg)
+  np.testing.assert_array_equal(np.asarray(video), np.asarray(vae_train.clip_batch(3, 0, 2, 5, 0, scfg)))
+  assert cover.shape == (2, 5, 64, 64) and 0.0 < float(cover.mean()) < 0.5
+  eps = jax.random.normal(jax.random.key(0), (2, 4, 2, 8, 8))
+  _, parts = vae_train.vae_loss(model, video, eps, 0.0, 1.0, first_frame_weight=4.0, pixel_weights=1 + 3.0 * cover)
+  mean, logvar = jnp.split(model.encode_moments(video), 2, axis=1)
+  recon = np.asarray(model.decode_latents(mean + jnp.exp(0.5 * logvar) * eps, clip=False), np.float64)
+  err = recon - np.asarray(video, np.float64)  # (B, 3, F, H, W)
+  weight = np.broadcast_to((np.array([4.0, 1, 1, 1, 1])[:, None, None] * (1 + 3.0 * np.asarray(cover, np.float64)))
+                           [:, None], err.shape)
+  np.testing.assert_allclose(float(parts["l1"]), np.sum(weight * np.abs(err)) / weight.sum(), rtol=1e-4)
+  np.testing.assert_allclose(float(parts["mse"]), np.sum(weight * err ** 2) / weight.sum(), rtol=1e-4)
+  _, plain = vae_train.vae_loss(model, video, eps, 0.0, 1.0, first_frame_weight=4.0)
+  assert abs(float(parts["l1"]) - float(plain["l1"])) > 1e-5
+  _, ones = vae_train.vae_loss(model, video, eps, 0.0, 1.0, first_frame_weight=4.0, pixel_weights=jnp.ones_like(cover))
+  np.testing.assert_allclose(float(ones["l1"]), float(plain["l1"]), rtol=1e-5)
+  graphdef, params = nnx.split(model)
+  tx = optax.adam(1e-3)
+  opt = tx.init(params)
+  p0, _, m0 = vae_train.make_train_step(graphdef, tx, 1e-6, 1.0, 4.0)(params, opt, video, eps)
+  p1, _, m1 = vae_train.make_train_step(graphdef, tx, 1e-6, 1.0, 4.0, object_weight=0.0)(params, opt, video, eps, cover)
+  for k in m0:
+    assert float(m0[k]) == float(m1[k]), k
+  for a, b in zip(jax.tree_util.tree_leaves(p0), jax.tree_util.tree_leaves(p1)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_train_vae_runs_an_image_phase_then_the_video_phase(tmp_path):
+  from helios_jax.models.vae import AutoencoderKLWan
+  from helios_jax.training import metrics, vae_train
+  c = _tiny_vae_config()
+  c.image_steps, c.total_steps, c.log_every, c.stats_clips = 2, 2, 1, 2
+  assert c.objective.object_weight > 0
+  model, losses = vae_train.train_vae(c, str(tmp_path))
+  rows = metrics.read_metrics(str(tmp_path))
+  assert [(r["phase"], r["step"]) for r in rows] == [("image", 1), ("image", 2), ("video", 1), ("video", 2)]
+  assert len(losses) == 4 and np.isfinite(losses).all()
+  assert isinstance(model, AutoencoderKLWan) and np.isfinite(model.config.latents_std).all()

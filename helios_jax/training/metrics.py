@@ -18,7 +18,8 @@ class MetricsWriter:
   """Appends one JSON object per logged step and mirrors every scalar to TensorBoard.
 
   ``write(step, {name: scalar, ...})`` takes any scalar names (stage 1/2 log loss, grad_norm, lr, step_time,
-  tokens_per_s; other stages add their own).
+  tokens_per_s; other stages add their own). A string value (a label such as the VAE's ``phase``) goes to the JSON
+  row only.
   """
 
   def __init__(self, workdir: str, tensorboard: bool = True):
@@ -39,13 +40,13 @@ class MetricsWriter:
 
   def write(self, step: int, values: dict) -> None:
     row = {"step": int(step)}
+    scalars = {k: float(v) for k, v in values.items() if not isinstance(v, str)}
     for k, v in values.items():
-      v = float(v)
-      row[k] = v if math.isfinite(v) else str(v)
+      row[k] = v if isinstance(v, str) else (scalars[k] if math.isfinite(scalars[k]) else str(scalars[k]))
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
     if self._tb is not None:
-      summary = self._summary(value=[self._summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
+      summary = self._summary(value=[self._summary.Value(tag=k, simple_value=v) for k, v in scalars.items()])
       self._tb.add_event(self._event(wall_time=time.time(), step=int(step), summary=summary))
       self._tb.flush()
 

@@ -4,6 +4,8 @@ Every scene is a pure function of ``(seed, index)``: :func:`sample_scene` draws 
 is written from them ("a red square moves up and left and spins clockwise on a grey striped background"), the
 ground-truth object centres of any frame come from a closed form (:func:`object_positions`), and the pixels are
 rendered by one vectorised JAX function (:func:`render`, jit/vmap friendly; the same code on CPU and GPU).
+:func:`coverage` gives each pixel's object coverage from the same signed-distance code (the VAE's object-weighted
+loss, :mod:`helios_jax.training.vae_train`).
 
 The caption fixes each object's initial velocity exactly (8 compass directions at a fixed speed, spin direction at
 a fixed rate), so an image plus its caption determines the whole continuation: the I2V benchmark can compare the
@@ -145,21 +147,20 @@ def object_positions(params: dict, frames, cfg: SceneConfig = SceneConfig(), xp=
   return _bounce(pos0[..., None, :, :] + vel[..., None, :, :] * t, lo, hi, xp)
 
 
-def _render_one(params: dict, frames: jax.Array, cfg: SceneConfig) -> jax.Array:
-  """One scene: (F, H, W, 3) float32 in [0, 1]."""
-  h, w = cfg.height, cfg.width
-  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) + 0.5, jnp.arange(w, dtype=jnp.float32) + 0.5,
-                        indexing="ij")
-  # background texture
-  u = (xx * jnp.cos(params["tex_angle"]) + yy * jnp.sin(params["tex_angle"])) / w
-  stripes = 0.5 + 0.5 * jnp.sin(2 * jnp.pi * params["tex_freq"] * u)
-  cell = params["tex_freq"] / w
-  checker = (jnp.floor(xx * cell) + jnp.floor(yy * cell)) % 2
-  mix = jnp.stack([stripes, checker, jnp.zeros_like(u)])[params["texture"]]
-  bg = params["bg"] * (1 - mix[..., None]) + params["bg2"] * mix[..., None]
-  img = jnp.broadcast_to(bg, (frames.shape[0], h, w, 3))
+def _grid(cfg: SceneConfig) -> tuple[jax.Array, jax.Array]:
+  """Pixel-centre coordinates (yy, xx), each (H, W)."""
+  return jnp.meshgrid(jnp.arange(cfg.height, dtype=jnp.float32) + 0.5, jnp.arange(cfg.width, dtype=jnp.float32) + 0.5,
+                      indexing="ij")
+
+
+def _object_covers(params: dict, frames: jax.Array, cfg: SceneConfig) -> jax.Array:
+  """Anti-aliased coverage of each object slot of one scene: (K, F, H, W) in [0, 1], 0 for inactive slots."""
+  yy, xx = _grid(cfg)
   pos = object_positions(params, frames, cfg, xp=jnp)  # (F, K, 2)
   angle = params["angle0"][None] + params["omega"][None] * frames[:, None].astype(jnp.float32)  # (F, K)
+  # equilateral triangle with circumradius r: three half-planes at distance r/2 from the centre
+  normals = [(np.cos(a), np.sin(a)) for a in (np.pi / 2, np.pi / 2 + 2 * np.pi / 3, np.pi / 2 + 4 * np.pi / 3)]
+  covers = []
   for i in range(MAX_OBJECTS):
     dx = xx[None] - pos[:, i, 0, None, None]
     dy = yy[None] - pos[:, i, 1, None, None]
@@ -168,13 +169,32 @@ def _render_one(params: dict, frames: jax.Array, cfg: SceneConfig) -> jax.Array:
     r = params["radius"][i]
     d_square = jnp.maximum(jnp.abs(qx), jnp.abs(qy)) - 0.75 * r
     d_circle = jnp.sqrt(qx ** 2 + qy ** 2) - 0.85 * r
-    # equilateral triangle with circumradius r: three half-planes at distance r/2 from the centre
-    normals = [(np.cos(a), np.sin(a)) for a in (np.pi / 2, np.pi / 2 + 2 * np.pi / 3, np.pi / 2 + 4 * np.pi / 3)]
     d_tri = jnp.max(jnp.stack([nx * qx + ny * qy for nx, ny in normals]), axis=0) - 0.5 * r
     d = jnp.stack([d_square, d_circle, d_tri])[params["shape"][i]]
-    cover = jnp.clip(0.5 - d, 0.0, 1.0)[..., None] * params["active"][i]  # 1-pixel anti-aliased edge
-    img = img * (1 - cover) + params["colour"][i] * cover
+    covers.append(jnp.clip(0.5 - d, 0.0, 1.0) * params["active"][i])  # 1-pixel anti-aliased edge
+  return jnp.stack(covers)
+
+
+def _render_one(params: dict, frames: jax.Array, cfg: SceneConfig) -> jax.Array:
+  """One scene: (F, H, W, 3) float32 in [0, 1]."""
+  yy, xx = _grid(cfg)
+  w = cfg.width
+  # background texture
+  u = (xx * jnp.cos(params["tex_angle"]) + yy * jnp.sin(params["tex_angle"])) / w
+  stripes = 0.5 + 0.5 * jnp.sin(2 * jnp.pi * params["tex_freq"] * u)
+  cell = params["tex_freq"] / w
+  checker = (jnp.floor(xx * cell) + jnp.floor(yy * cell)) % 2
+  mix = jnp.stack([stripes, checker, jnp.zeros_like(u)])[params["texture"]]
+  bg = params["bg"] * (1 - mix[..., None]) + params["bg2"] * mix[..., None]
+  img = jnp.broadcast_to(bg, (frames.shape[0], cfg.height, w, 3))
+  for i, cover in enumerate(_object_covers(params, frames, cfg)):  # later objects are drawn over earlier ones
+    img = img * (1 - cover[..., None]) + params["colour"][i] * cover[..., None]
   return img
+
+
+def _coverage_one(params: dict, frames: jax.Array, cfg: SceneConfig) -> jax.Array:
+  """One scene: (F, H, W) float32 in [0, 1], the largest coverage of a pixel by any of the scene's objects."""
+  return jnp.max(_object_covers(params, frames, cfg), axis=0)
 
 
 def render(params: dict, frames, cfg: SceneConfig = SceneConfig()) -> jax.Array:
@@ -182,16 +202,26 @@ def render(params: dict, frames, cfg: SceneConfig = SceneConfig()) -> jax.Array:
 
   ``frames`` are absolute frame indices (F,) int; a clip's chunk ``c`` is frames ``33 c .. 33 c + 32``.
   """
-  return _render_compiled(cfg)(jax.tree_util.tree_map(jnp.asarray, params), jnp.asarray(frames, jnp.int32))
+  return _compiled(_render_one, cfg)(jax.tree_util.tree_map(jnp.asarray, params), jnp.asarray(frames, jnp.int32))
 
 
-_COMPILED: dict = {}  # one jitted renderer per SceneConfig
+def coverage(params: dict, frames, cfg: SceneConfig = SceneConfig()) -> jax.Array:
+  """Object coverage of every pixel of :func:`render`'s frames: (B, F, H, W) float32 in [0, 1].
+
+  The anti-aliased coverage the renderer blends each object's colour with (1 inside an object, 0 on the
+  background, fractional on its 1-pixel edge), the maximum over the scene's objects where they overlap.
+  """
+  return _compiled(_coverage_one, cfg)(jax.tree_util.tree_map(jnp.asarray, params), jnp.asarray(frames, jnp.int32))
 
 
-def _render_compiled(cfg: SceneConfig):
-  if cfg not in _COMPILED:
-    _COMPILED[cfg] = jax.jit(jax.vmap(lambda p, f: _render_one(p, f, cfg), in_axes=(0, None)))
-  return _COMPILED[cfg]
+_COMPILED: dict = {}  # one jitted function per (per-scene function, SceneConfig)
+
+
+def _compiled(fn, cfg: SceneConfig):
+  """``fn(params, frames, cfg)`` of one scene, jitted and vmapped over the scenes of a batch (frames shared)."""
+  if (fn, cfg) not in _COMPILED:
+    _COMPILED[fn, cfg] = jax.jit(jax.vmap(lambda p, f: fn(p, f, cfg), in_axes=(0, None)))
+  return _COMPILED[fn, cfg]
 
 
 def to_video(pixels) -> np.ndarray:

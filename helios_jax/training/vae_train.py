@@ -5,16 +5,24 @@ Objective (as simple as works, the usual KL-autoencoder recipe without the adver
     loss = mean_w |x - D(z)| + mse_weight * mean_w (x - D(z))^2 + kl_weight * mean KL(q(z|x) || N(0, I)),
     z ~ q(z|x) = N(mean, exp(logvar))   (reparameterised),
 
-where ``mean_w`` is a per-frame weighted mean: frame 0 weighs ``first_frame_weight`` times a later frame. The Wan
-VAE encodes frame 0 alone into the first latent, and that single-frame latent is what image-to-video conditions on;
-with plain averaging it is one frame in 33 and the first demo VAE decoded it to a nearly flat colour.
+where ``mean_w`` is a weighted mean. Frame weights: frame 0 weighs ``first_frame_weight`` times a later frame. The
+Wan VAE encodes frame 0 alone into the first latent, and that single-frame latent is what image-to-video conditions
+on; with plain averaging it is one frame in 33 and the first demo VAE decoded it to a nearly flat colour. Pixel
+weights (``object_weight`` > 0): a pixel weighs ``1 + object_weight * coverage``, its anti-aliased coverage by the
+scene's objects (:func:`helios_jax.training.scenes.coverage`); the objects are a small fraction of the pixels, and
+with plain averaging a briefly trained VAE decoded them to faint blobs of the wrong colour. An element's weight is
+the product of its frame's and its pixel's; ``object_weight`` 0 leaves the loss exactly as without pixel weights.
 
-on short clips (``config.data.frames`` frames, 1 + 4k) rendered on the fly from :mod:`helios_jax.training.scenes`.
-Every step is a pure function of (seed, step): scene indices ``step * B .. step * B + B - 1`` and a start frame
-drawn from ``(seed, step)``. The decoder's output clamp is skipped in the loss (it has no gradient outside
-[-1, 1]). At the end the per-channel mean and std of posterior samples over ``config.stats_clips`` fresh clips
-become ``latents_mean`` / ``latents_std`` of the exported config, as the Wan VAE ships them, so the diffusion model
-sees unit-scale latents.
+Training runs in two phases (:func:`train_vae`), each with its own warmup-cosine learning-rate schedule and
+wall-clock budget: an optional image phase on single frames (F = 1: the causal VAE's first-frame path, about 30x
+cheaper than a 33-frame clip, so thousands of steps fit in a minute on a GPU and the encoder / decoder learn
+shapes and colours), then the video phase on short clips (``config.data.frames`` frames, 1 + 4k). Data are
+rendered on the fly from :mod:`helios_jax.training.scenes`, and every step is a pure function of (seed, step):
+scene indices ``step * B .. step * B + B - 1`` of the phase's scene stream and a start frame drawn from
+``(seed, step)``. The decoder's output clamp is skipped in the loss (it has no gradient outside [-1, 1]). At the
+end the per-channel mean and std of posterior samples over ``config.stats_clips`` fresh clips become
+``latents_mean`` / ``latents_std`` of the exported config, as the Wan VAE ships them, so the diffusion model sees
+unit-scale latents.
 """
 
 from __future__ import annotations
@@ -45,39 +53,59 @@ def scene_config(data_cfg) -> scenes.SceneConfig:
 
 
 def vae_loss(model: AutoencoderKLWan, video: jax.Array, eps: jax.Array, kl_weight: float,
-             mse_weight: float, first_frame_weight: float = 1.0) -> tuple[jax.Array, dict]:
-  """Loss of one batch. video (B, 3, F, H, W) in [-1, 1]; eps (B, z, T, h, w) standard normal draws.
+             mse_weight: float, first_frame_weight: float = 1.0, pixel_weights: jax.Array | None = None
+             ) -> tuple[jax.Array, dict]:
+  """Loss of one batch. video (B, 3, F, H, W) in [-1, 1]; eps (B, z, T, h, w) standard normal draws;
+  pixel_weights (B, F, H, W) or None (all 1).
 
-  The reported ``l1`` / ``mse`` are the frame-weighted means (plain means when ``first_frame_weight`` is 1).
+  Without ``pixel_weights`` the L1 / MSE terms are frame-weighted means of the per-frame means (frame 0 weighs
+  ``first_frame_weight``, a later frame 1). With them every element (b, c, f, h, w) weighs
+  ``frame_weight[f] * pixel_weights[b, f, h, w]`` and the terms are ``sum(weight * err) / sum(weight)`` (equal to the
+  former when the pixel weights are all 1). The reported ``l1`` / ``mse`` are these weighted means.
   """
   moments = model.encode_moments(video)
   mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=1)
   logvar = jnp.clip(logvar, -30.0, 20.0)  # the clamp of diffusers' DiagonalGaussianDistribution
   z = mean + jnp.exp(0.5 * logvar) * eps
   recon = model.decode_latents(z, clip=False).astype(jnp.float32)
-  target = video[:, :, :recon.shape[2]].astype(jnp.float32)
-  w = jnp.ones((recon.shape[2],), jnp.float32).at[0].set(first_frame_weight)
-  w = w / jnp.sum(w)  # (F,) frame weights summing to 1
+  f = recon.shape[2]
+  target = video[:, :, :f].astype(jnp.float32)
+  w = jnp.ones((f,), jnp.float32).at[0].set(first_frame_weight)
+  if pixel_weights is None:
+    w = w / jnp.sum(w)  # (F,) frame weights summing to 1
 
-  def frame_mean(err):  # (B, C, F, H, W) -> weighted mean over frames of the per-frame means
-    return jnp.sum(jnp.mean(err, axis=(0, 1, 3, 4)) * w)
+    def weighted_mean(err):  # (B, C, F, H, W) -> weighted mean over frames of the per-frame means
+      return jnp.sum(jnp.mean(err, axis=(0, 1, 3, 4)) * w)
+  else:
+    weight = pixel_weights[:, None, :f].astype(jnp.float32) * w[:, None, None]  # (B, 1, F, H, W)
 
-  l1 = frame_mean(jnp.abs(recon - target))
-  mse = frame_mean((recon - target) ** 2)
+    def weighted_mean(err):  # (B, C, F, H, W) -> mean weighted by ``weight`` (broadcast over channels)
+      return jnp.sum(err * weight) / (jnp.sum(weight) * err.shape[1])
+
+  l1 = weighted_mean(jnp.abs(recon - target))
+  mse = weighted_mean((recon - target) ** 2)
   kl = jnp.mean(0.5 * (mean ** 2 + jnp.exp(logvar) - 1.0 - logvar))
   loss = l1 + mse_weight * mse + kl_weight * kl
   return loss, dict(l1=l1, mse=mse, kl=kl)
 
 
-def make_train_step(graphdef, tx, kl_weight: float, mse_weight: float, first_frame_weight: float = 1.0):
-  """Jitted ``step(params, opt_state, video, eps) -> (params, opt_state, metrics)``."""
+def make_train_step(graphdef, tx, kl_weight: float, mse_weight: float, first_frame_weight: float = 1.0,
+                    object_weight: float = 0.0):
+  """Jitted ``step(params, opt_state, video, eps, cover=None) -> (params, opt_state, metrics)``.
 
-  def loss_fn(params, video, eps):
-    return vae_loss(nnx.merge(graphdef, params), video, eps, kl_weight, mse_weight, first_frame_weight)
+  ``cover`` (B, F, H, W) is the object coverage of the video's pixels (:func:`clip_batch_with_coverage`): with
+  ``object_weight`` > 0 a pixel weighs ``1 + object_weight * cover`` in the reconstruction terms; with 0 it is
+  ignored (the loss is :func:`vae_loss` without pixel weights, exactly).
+  """
+
+  def loss_fn(params, video, eps, cover):
+    pixel_weights = None if object_weight == 0 or cover is None else 1.0 + object_weight * cover
+    return vae_loss(nnx.merge(graphdef, params), video, eps, kl_weight, mse_weight, first_frame_weight,
+                    pixel_weights)
 
   @jax.jit
-  def step(params, opt_state, video, eps):
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, video, eps)
+  def step(params, opt_state, video, eps, cover=None):
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, video, eps, cover)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, dict(loss=loss, grad_norm=optax.global_norm(grads), **parts)
@@ -85,13 +113,35 @@ def make_train_step(graphdef, tx, kl_weight: float, mse_weight: float, first_fra
   return step
 
 
-def clip_batch(seed: int, step: int, batch: int, frames: int, max_start: int,
-               cfg: scenes.SceneConfig) -> jax.Array:
-  """Video batch ``step``: (B, 3, frames, H, W) in [-1, 1], rendered on the default device."""
+def _clip_scenes(seed: int, step: int, batch: int, frames: int, max_start: int,
+                 cfg: scenes.SceneConfig) -> tuple[dict, np.ndarray]:
+  """Scene parameters (batch of ``batch``) and frame indices (frames,) of batch ``step`` of stream ``seed``."""
   start = int(np.random.default_rng([seed, step, 1]).integers(0, max_start + 1))
   params, _ = scenes.scene_batch(seed, range(step * batch, (step + 1) * batch), cfg)
-  pixels = scenes.render(params, np.arange(start, start + frames), cfg)  # (B, F, H, W, 3)
+  return params, np.arange(start, start + frames)
+
+
+def _to_video(pixels: jax.Array) -> jax.Array:
+  """(B, F, H, W, 3) in [0, 1] -> (B, 3, F, H, W) in [-1, 1]."""
   return jnp.transpose(pixels * 2.0 - 1.0, (0, 4, 1, 2, 3))
+
+
+def clip_batch(seed: int, step: int, batch: int, frames: int, max_start: int,
+               cfg: scenes.SceneConfig) -> jax.Array:
+  """Video batch ``step``: (B, 3, frames, H, W) in [-1, 1], rendered on the default device.
+
+  Scenes ``step * B .. step * B + B - 1`` of stream ``seed``, all from one start frame drawn in [0, max_start]
+  from ``(seed, step)``.
+  """
+  params, frame_ids = _clip_scenes(seed, step, batch, frames, max_start, cfg)
+  return _to_video(scenes.render(params, frame_ids, cfg))
+
+
+def clip_batch_with_coverage(seed: int, step: int, batch: int, frames: int, max_start: int,
+                             cfg: scenes.SceneConfig) -> tuple[jax.Array, jax.Array]:
+  """:func:`clip_batch` and its pixels' object coverage: (B, 3, frames, H, W), (B, frames, H, W) in [0, 1]."""
+  params, frame_ids = _clip_scenes(seed, step, batch, frames, max_start, cfg)
+  return _to_video(scenes.render(params, frame_ids, cfg)), scenes.coverage(params, frame_ids, cfg)
 
 
 def latent_stats(model: AutoencoderKLWan, seed: int, clips: int, batch: int, frames: int,
@@ -123,55 +173,106 @@ def budgeted_lr(schedule, step: int, total_steps: int, elapsed: float, budget: f
   return float(schedule(int(done * total_steps)))
 
 
-def train_vae(config, workdir: str, progress: bool = False) -> tuple[AutoencoderKLWan, list[float]]:
-  """Trains the VAE of ``config`` (configs/demo_vae.py); returns (model with latents mean/std set, losses).
+def _schedule(config, steps: int) -> optax.Schedule:
+  """Warmup then cosine decay to ``final_lr_fraction`` of the peak over ``steps`` steps (``config.optim``)."""
+  lr, warm = float(config.optim.learning_rate), min(int(config.optim.warmup_steps), steps // 2)
+  return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(steps, warm + 1),
+                                            float(config.optim.final_lr_fraction) * lr)
 
-  Writes ``workdir/metrics.jsonl``. The model is float32. ``config.max_seconds`` (0 = off) stops the loop early
-  on a wall-clock budget counted from the end of the first (compiling) step (the GPU script uses it so one command
-  always finishes). The learning-rate schedule (warmup then cosine decay) runs over whichever ends first, the steps
-  or the budget: a run stopped by its budget still ends at the low learning rate.
+
+def _run_phase(phase: str, state: tuple, step_fn, batch_fn, eps_key, eps_shape: tuple, steps: int, budget: float,
+               schedule, writer, log_every: int, progress: bool) -> tuple[tuple, list[float]]:
+  """``steps`` training steps (fewer when the wall-clock ``budget`` in seconds, 0 = none, counted from the end
+  of the first (compiling) step, runs out); returns (the final (params, opt_state), logged losses).
+
+  ``batch_fn(step) -> (video, cover or None)``; eps of step ``i`` are ``normal(fold_in(eps_key, i), eps_shape)``.
+  The learning rate follows ``schedule`` over the steps or the budget, whichever ends first (:func:`budgeted_lr`).
+  Logged rows carry ``phase``.
+  """
+  params, opt_state = state
+  losses, compile_s = [], 0.0
+  t0 = time.perf_counter()
+  for step in range(steps):
+    if budget and time.perf_counter() - t0 > budget:
+      print(f"vae ({phase} phase): wall-clock budget of {budget:.0f} s reached after {step} steps", flush=True)
+      break
+    video, cover = batch_fn(step)
+    eps = jax.random.normal(jax.random.fold_in(eps_key, step), eps_shape)
+    lr_now = budgeted_lr(schedule, step, steps, time.perf_counter() - t0 if step else 0.0, budget)
+    opt_state[1].hyperparams["learning_rate"] = jnp.asarray(lr_now, jnp.float32)
+    params, opt_state, m = step_fn(params, opt_state, video, eps, cover)
+    if step == 0:  # the budget counts training, not the first step's compilation
+      jax.block_until_ready(params)
+      compile_s, t0 = time.perf_counter() - t0, time.perf_counter()
+    if (step + 1) % log_every == 0 or step + 1 == steps:
+      m = {k: float(v) for k, v in m.items()}
+      losses.append(m["loss"])
+      writer.write(step + 1, dict(phase=phase, **m, lr=lr_now, elapsed=time.perf_counter() - t0,
+                                  first_step_s=compile_s))
+      if progress:
+        print(f"vae {phase} step {step + 1}: loss {m['loss']:.4f} l1 {m['l1']:.4f} kl {m['kl']:.3f}", flush=True)
+  return (params, opt_state), losses
+
+
+IMAGE_STREAM = 2  # the image phase's scenes: stream data.seed + 2 (+0: video phase, +1: latent stats, +7: decoder)
+
+
+def train_vae(config, workdir: str, progress: bool = False) -> tuple[AutoencoderKLWan, list[float]]:
+  """Trains the VAE of ``config`` (configs/demo_vae.py); returns (model with latents mean/std set, logged losses of
+  both phases in order).
+
+  Two phases, each with its own warmup-cosine learning-rate schedule (one Adam state throughout):
+
+  1. images: ``config.image_steps`` (0 = skipped) steps on single frames (F = 1, the causal VAE's first-frame
+     path), ``config.image_batch_size`` scenes of stream ``data.seed + 2`` per step at a start frame drawn in
+     [0, data.max_start] per step; wall-clock budget ``config.image_max_seconds`` (0 = none);
+  2. video: ``config.total_steps`` steps on ``config.data.frames``-frame clips of ``config.batch_size`` scenes of
+     stream ``data.seed``; budget ``config.max_seconds`` (0 = none; the GPU script sets it so one command always
+     finishes).
+
+  A budget counts from the end of its phase's first (compiling) step, and the phase's schedule runs over whichever
+  ends first, its steps or its budget: a phase stopped by its budget still ends at the low learning rate. With
+  ``config.objective.object_weight`` > 0 both phases weigh object pixels ``1 + object_weight * coverage``.
+  Writes ``workdir/metrics.jsonl`` (each row has ``phase``: "image" or "video"; steps count from 1 in each phase).
+  The model is float32.
   """
   cfg = vae_config(config.model)
   scfg = scene_config(config.data)
   model = AutoencoderKLWan(cfg, dtype=jnp.float32, rngs=nnx.Rngs(int(config.seed)))
   graphdef, params = nnx.split(model)
-  lr, warm = float(config.optim.learning_rate), min(int(config.optim.warmup_steps), int(config.total_steps) // 2)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(int(config.total_steps), warm + 1),
-                                                float(config.optim.final_lr_fraction) * lr)
   tx = optax.chain(optax.clip_by_global_norm(float(config.optim.max_grad_norm)),
-                   optax.inject_hyperparams(optax.adam)(learning_rate=lr))
-  opt_state = tx.init(params)
-  step_fn = make_train_step(graphdef, tx, float(config.objective.kl_weight), float(config.objective.mse_weight),
-                            float(config.objective.get("first_frame_weight", 1.0)))
+                   optax.inject_hyperparams(optax.adam)(learning_rate=float(config.optim.learning_rate)))
+  state = (params, tx.init(params))
+  obj = config.objective
+  object_weight = float(obj.get("object_weight", 0.0))
+  step_fn = make_train_step(graphdef, tx, float(obj.kl_weight), float(obj.mse_weight),
+                            float(obj.get("first_frame_weight", 1.0)), object_weight)
   writer = metrics.MetricsWriter(workdir, tensorboard=False)
-  b, f = int(config.batch_size), int(config.data.frames)
-  t_lat = cfg.num_latent_frames(f)
   h, w = scfg.height // cfg.spatial_compression, scfg.width // cfg.spatial_compression
+  seed, max_start, key = int(config.data.seed), int(config.data.max_start), jax.random.key(int(config.seed))
+
+  def batches(stream: int, batch: int, frames: int):
+    if object_weight:
+      return lambda step: clip_batch_with_coverage(stream, step, batch, frames, max_start, scfg)
+    return lambda step: (clip_batch(stream, step, batch, frames, max_start, scfg), None)
+
   losses = []
-  t0 = time.perf_counter()
-  budget = float(config.get("max_seconds", 0) or 0)
-  for step in range(int(config.total_steps)):
-    if budget and time.perf_counter() - t0 > budget:
-      print(f"vae: wall-clock budget of {budget:.0f} s reached after {step} steps", flush=True)
-      break
-    video = clip_batch(int(config.data.seed), step, b, f, int(config.data.max_start), scfg)
-    eps = jax.random.normal(jax.random.fold_in(jax.random.key(int(config.seed)), step), (b, cfg.z_dim, t_lat, h, w))
-    lr_now = budgeted_lr(schedule, step, int(config.total_steps), time.perf_counter() - t0 if step else 0.0, budget)
-    opt_state[1].hyperparams["learning_rate"] = jnp.asarray(lr_now, jnp.float32)
-    params, opt_state, m = step_fn(params, opt_state, video, eps)
-    if step == 0:  # the budget counts training, not the first step's compilation
-      jax.block_until_ready(params)
-      compile_s, t0 = time.perf_counter() - t0, time.perf_counter()
-    if (step + 1) % int(config.log_every) == 0 or step + 1 == int(config.total_steps):
-      m = {k: float(v) for k, v in m.items()}
-      losses.append(m["loss"])
-      writer.write(step + 1, dict(**m, lr=lr_now, elapsed=time.perf_counter() - t0,
-                                  first_step_s=compile_s))
-      if progress:
-        print(f"vae step {step + 1}: loss {m['loss']:.4f} l1 {m['l1']:.4f} kl {m['kl']:.3f}", flush=True)
+  image_steps, bi = int(config.get("image_steps", 0) or 0), int(config.get("image_batch_size", 1) or 1)
+  if image_steps:
+    state, logged = _run_phase("image", state, step_fn, batches(seed + IMAGE_STREAM, bi, 1),
+                               jax.random.fold_in(key, 2 ** 31 - 1), (bi, cfg.z_dim, 1, h, w), image_steps,
+                               float(config.get("image_max_seconds", 0) or 0), _schedule(config, image_steps),
+                               writer, int(config.log_every), progress)
+    losses += logged
+  b, f, steps = int(config.batch_size), int(config.data.frames), int(config.total_steps)
+  state, logged = _run_phase("video", state, step_fn, batches(seed, b, f), key,
+                             (b, cfg.z_dim, cfg.num_latent_frames(f), h, w), steps,
+                             float(config.get("max_seconds", 0) or 0), _schedule(config, steps), writer,
+                             int(config.log_every), progress)
+  losses += logged
   writer.close()
-  model = nnx.merge(graphdef, params)
-  mu, std = latent_stats(model, int(config.data.seed) + 1, int(config.stats_clips), b, f, scfg)
+  model = nnx.merge(graphdef, state[0])
+  mu, std = latent_stats(model, seed + 1, int(config.stats_clips), b, f, scfg)
   model.config = dataclasses.replace(cfg, latents_mean=tuple(float(v) for v in mu),
                                      latents_std=tuple(float(v) for v in std))
   return model, losses
