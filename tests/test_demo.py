@@ -427,6 +427,22 @@ def test_demo_vae_check_reports_and_draws_the_start_scene(tmp_path):
   img = np.asarray(Image.open(sheet))
   assert img.shape == (2 * 128 + 2, 5 * 128 + 4 * 2, 3)
   np.testing.assert_array_equal(img[:128, :128], media.to_uint8(truth[:1])[0])  # top-left: the true frame 0
+  objects = np.asarray(scenes.coverage(params, np.arange(33), scenes.SceneConfig()))[0] > 0.5
+  recon = demo_vae_check.reconstruct(loaded, truth)
+  assert r["start_scene_objects_psnr"] == pytest.approx(demo.masked_psnr(recon, truth, objects))
+  assert r["start_scene_objects_psnr"] != pytest.approx(r["start_scene_background_psnr"])
+
+
+def test_masked_psnr_scores_only_the_mask():
+  from helios_jax.training import demo
+  truth = np.zeros((2, 4, 4, 3))
+  recon = truth.copy()
+  recon[0, 0, 0] = 0.1  # one wrong pixel, inside the mask
+  mask = np.zeros((2, 4, 4), bool)
+  mask[0, 0, :2] = True
+  assert demo.masked_psnr(recon, truth, mask) == pytest.approx(10 * np.log10(1 / (0.01 / 2)))
+  assert demo.masked_psnr(recon, truth, ~mask) == pytest.approx(100.0)  # perfect: the 1e-10 floor
+  assert np.isnan(demo.masked_psnr(recon, truth, np.zeros_like(mask)))
 
 
 def test_scene_coverage_marks_the_objects():

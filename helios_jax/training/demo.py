@@ -136,6 +136,19 @@ def reconstruction_psnr(vae, scene_cfg: scenes.SceneConfig, num_clips: int = 4, 
   return out
 
 
+def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+  """PSNR (dB) of images in [0, 1] over the pixels where ``mask`` is true: a, b (..., H, W, 3), mask (..., H, W).
+
+  With ``mask = scenes.coverage(...) > 0.5`` it scores the objects alone, which a whole-frame PSNR of these mostly
+  background scenes hides. NaN when the mask is empty.
+  """
+  m = np.asarray(mask, bool)
+  if not m.any():
+    return float("nan")
+  mse = np.mean((a.astype(np.float64) - b.astype(np.float64))[m] ** 2)
+  return float(10 * np.log10(1.0 / max(mse, 1e-10)))
+
+
 def frame_psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """Per-frame PSNR (dB) of (F, H, W, 3) images in [0, 1]: (F,) float64."""
   mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
