@@ -520,3 +520,14 @@ def test_train_vae_runs_an_image_phase_then_the_video_phase(tmp_path):
   assert [(r["phase"], r["step"]) for r in rows] == [("image", 1), ("image", 2), ("video", 1), ("video", 2)]
   assert len(losses) == 4 and np.isfinite(losses).all()
   assert isinstance(model, AutoencoderKLWan) and np.isfinite(model.config.latents_std).all()
+
+
+def test_demo_vae_object_ab_runs_and_scores_objects_apart(tmp_path):
+  """benchmarks/demo_vae_object_ab.py on 2 steps: the three PSNRs are finite and the object score is its own."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import demo_vae_object_ab
+  demo_vae_object_ab.main(["--object-weight", "4", "--steps", "2", "--batch", "2", "--out", str(tmp_path / "r.json")])
+  r = json.loads((tmp_path / "r.json").read_text())
+  assert r["steps"] == 2 and r["object_weight"] == 4.0
+  assert all(np.isfinite(r[k]) for k in ("psnr", "psnr_objects", "psnr_background"))
+  assert r["psnr_objects"] != pytest.approx(r["psnr_background"])
