@@ -33,6 +33,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "configs"))
+from benchmarks import print_and_write  # noqa: E402
 
 VARIANTS = ("true", "no_history", "other_caption", "zero_caption")
 
@@ -109,12 +110,7 @@ def main(argv=None) -> int:
         row[name] = float(np.mean(vals))
       results["loss"][str(chunk)] = row
       print(f"chunk {chunk}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
-  text = json.dumps(results, indent=1)
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      f.write(text)
-  print(text)
-  return 0
+  return print_and_write(results, args.out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks import print_and_write  # noqa: E402
 
 DEMO = os.path.join(ROOT, "helios_jax", "assets", "demo")
 SHEET_FRAMES = (0, 8, 16, 24, 32)  # frames of the 33-frame chunk shown on the sheet
@@ -73,12 +74,7 @@ def main(argv=None) -> int:
     media.write_contact_sheet(args.sheet, np.concatenate([truth[idx], recon[idx]]), num=2 * len(idx),
                               columns=len(idx))
     result["sheet"] = args.sheet
-  text = json.dumps(result, indent=1)
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      f.write(text)
-  print(text)
-  return 0
+  return print_and_write(result, args.out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ PSNR over all pixels, over object pixels (coverage > 0.5) and over the backgroun
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "configs"))
+from benchmarks import print_and_write  # noqa: E402
 
 HELD_OUT_FRAMES = 32
 
@@ -60,12 +60,7 @@ def main(argv=None) -> int:
                 train_s=round(train_s, 1), last_loss=losses[-1] if losses else None,
                 psnr=demo.masked_psnr(recon, truth, everything), psnr_objects=demo.masked_psnr(recon, truth, objects),
                 psnr_background=demo.masked_psnr(recon, truth, ~objects))
-  text = json.dumps(result, indent=1)
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      f.write(text)
-  print(text)
-  return 0
+  return print_and_write(result, args.out)
 
 
 if __name__ == "__main__":
