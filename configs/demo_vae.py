@@ -2,10 +2,10 @@
 
 Same architecture as the Wan2.1 VAE Helios uses (8x spatial / 4x temporal compression, 16 latent channels), with
 base width 16 instead of 96 and one residual block per level instead of two (2.6M parameters, 10 MB in float32;
-decoding a 33-frame 128x128 chunk costs about 2x less CPU time than base width 32 with multipliers (1, 2, 2, 2)). ``:tiny`` trains in seconds on a CPU
-(tests and ``benchmarks/train_demo.py --quick``). ``:decoder`` is the decoder-only fine-tune of a trained VAE on
-posterior means of 33-frame clips (``vae_train.finetune_decoder``, ``benchmarks/finetune_demo_vae.py``): it keeps
-the encoder, so encoded data and the DiTs trained on them stay valid.
+decoding a 33-frame 128x128 chunk costs about 2x less CPU time than base width 32 with multipliers (1, 2, 2, 2)).
+``:tiny`` trains in seconds on a CPU (tests and ``benchmarks/train_demo.py --quick``). ``:decoder`` is the
+decoder-only fine-tune of a trained VAE on posterior means of 33-frame clips (``vae_train.finetune_decoder``,
+``benchmarks/finetune_demo_vae.py``): it keeps the encoder, so encoded data and the DiTs trained on them stay valid.
 
 Training (``vae_train.train_vae``): an image phase (``image_steps`` single frames, batch ``image_batch_size``,
 budget ``image_max_seconds``) then the video phase (``total_steps`` 33-frame clips, batch ``batch_size``, budget

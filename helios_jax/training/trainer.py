@@ -1,4 +1,5 @@
-"""Stage 1-2 training: build, resume, run :func:`helios_jax.training.loop.run_from_config`, export the merged model."""
+"""Stage 1-2 training: build, resume, run :func:`helios_jax.training.loop.run_from_config`, export the merged
+model."""
 
 from __future__ import annotations
 
