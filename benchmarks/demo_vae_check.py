@@ -35,14 +35,6 @@ def start_scene(prompts_path: str = os.path.join(DEMO, "prompts.json")):
   return params, captions[0]
 
 
-def reconstruct(vae, pixels: np.ndarray) -> np.ndarray:
-  """(F, H, W, 3) in [0, 1] -> its posterior-mean reconstruction, same layout, clipped to [0, 1]."""
-  import jax.numpy as jnp
-  video = jnp.transpose(jnp.asarray(pixels, jnp.float32)[None] * 2.0 - 1.0, (0, 4, 1, 2, 3))
-  recon = vae.decode(vae.encode(video).latent_dist.mean).sample
-  return np.clip((np.asarray(recon[0], np.float64).transpose(1, 2, 3, 0) + 1.0) / 2.0, 0.0, 1.0)
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default=os.path.join(DEMO, "model"), help="demo pipeline folder or a vae/ folder")
@@ -59,7 +51,7 @@ def main(argv=None) -> int:
   held_out = demo.reconstruction_psnr(vae, cfg, num_clips=args.clips)  # (clips, 33)
   params, caption = start_scene()
   truth = np.asarray(scenes.render(params, np.arange(demo.WINDOW), cfg), np.float64)[0]
-  recon = reconstruct(vae, truth)
+  recon = demo.reconstruct(vae, truth[None])[0]
   start_psnr = demo.frame_psnr(recon, truth)
   objects = np.asarray(scenes.coverage(params, np.arange(demo.WINDOW), cfg))[0] > 0.5  # (33, H, W)
   result = dict(model=os.path.relpath(folder, ROOT), held_out_clips=args.clips,

@@ -34,7 +34,6 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--out", help="write the result as JSON here")
   args = p.parse_args(argv)
-  import jax.numpy as jnp
   import demo_vae
   from helios_jax.training import demo, scenes, vae_train
   c = demo_vae.get_config("")
@@ -52,9 +51,7 @@ def main(argv=None) -> int:
   params, _ = scenes.scene_batch(demo.RECON_SEED, range(HELD_OUT_FRAMES), cfg)
   truth = np.asarray(scenes.render(params, np.arange(1), cfg), np.float64)[:, 0]  # (N, H, W, 3)
   objects = np.asarray(scenes.coverage(params, np.arange(1), cfg))[:, 0] > 0.5  # (N, H, W)
-  video = jnp.transpose(jnp.asarray(truth, jnp.float32)[:, None] * 2.0 - 1.0, (0, 4, 1, 2, 3))  # (N, 3, 1, H, W)
-  recon = vae.decode(vae.encode(video).latent_dist.mean).sample
-  recon = np.clip((np.asarray(recon, np.float64)[:, :, 0].transpose(0, 2, 3, 1) + 1.0) / 2.0, 0.0, 1.0)
+  recon = demo.reconstruct(vae, truth[:, None])[:, 0]  # each frame a one-frame clip
   everything = np.ones(objects.shape, bool)
   result = dict(object_weight=args.object_weight, steps=args.steps, size=args.size, batch=args.batch,
                 train_s=round(train_s, 1), last_loss=losses[-1] if losses else None,

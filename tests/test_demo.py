@@ -421,14 +421,14 @@ def test_demo_vae_check_reports_and_draws_the_start_scene(tmp_path):
   params, _ = demo_vae_check.start_scene()
   truth = np.asarray(scenes.render(params, np.arange(33), scenes.SceneConfig()), np.float64)[0]
   loaded = type(model).from_pretrained(str(tmp_path / "vae"))
-  expected = demo.frame_psnr(demo_vae_check.reconstruct(loaded, truth), truth)
+  expected = demo.frame_psnr(demo.reconstruct(loaded, truth[None])[0], truth)
   np.testing.assert_allclose(r["start_scene_psnr"], expected.mean(), rtol=1e-6)
   assert np.isfinite(r["held_out_psnr"])
   img = np.asarray(Image.open(sheet))
   assert img.shape == (2 * 128 + 2, 5 * 128 + 4 * 2, 3)
   np.testing.assert_array_equal(img[:128, :128], media.to_uint8(truth[:1])[0])  # top-left: the true frame 0
   objects = np.asarray(scenes.coverage(params, np.arange(33), scenes.SceneConfig()))[0] > 0.5
-  recon = demo_vae_check.reconstruct(loaded, truth)
+  recon = demo.reconstruct(loaded, truth[None])[0]
   assert r["start_scene_objects_psnr"] == pytest.approx(demo.masked_psnr(recon, truth, objects))
   assert r["start_scene_objects_psnr"] != pytest.approx(r["start_scene_background_psnr"])
 
@@ -472,6 +472,9 @@ def test_scene_coverage_marks_the_objects():
   colour = params["colour"][one, 0][:, None, None, None]  # (b, 1, 1, 1, 3)
   blend = np.sum((px[one] - bare[one]) * (colour - bare[one]), -1) / np.sum((colour - bare[one]) ** 2, -1)
   np.testing.assert_allclose(blend, cover[one], atol=1e-4)
+  both = scenes.render_with_coverage(params, frames, cfg)  # one call, the same two arrays
+  np.testing.assert_array_equal(np.asarray(both[0], np.float64), px)
+  np.testing.assert_allclose(np.asarray(both[1]), cover, rtol=0, atol=2e-6)  # fused with the blend: float32 rounding
 
 
 def test_vae_object_weighted_loss_matches_numpy():

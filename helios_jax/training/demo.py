@@ -127,13 +127,13 @@ def reconstruction_psnr(vae, scene_cfg: scenes.SceneConfig, num_clips: int = 4, 
   """
   params, _ = scenes.scene_batch(seed, range(num_clips), scene_cfg)
   pixels = np.asarray(scenes.render(params, np.arange(frames), scene_cfg), np.float64)  # (n, F, H, W, 3) in [0, 1]
-  out = np.zeros((num_clips, frames))
-  for i in range(num_clips):
-    video = jnp.transpose(jnp.asarray(pixels[i:i + 1], jnp.float32) * 2.0 - 1.0, (0, 4, 1, 2, 3))
-    recon = vae.decode(vae.encode(video).latent_dist.mean).sample  # (1, 3, F, H, W) in [-1, 1]
-    recon = (np.asarray(recon[0], np.float64).transpose(1, 2, 3, 0) + 1.0) / 2.0
-    out[i] = frame_psnr(np.clip(recon, 0.0, 1.0), pixels[i])
-  return out
+  return np.stack([frame_psnr(reconstruct(vae, pixels[i:i + 1])[0], pixels[i]) for i in range(num_clips)])
+
+
+def reconstruct(vae, pixels: np.ndarray) -> np.ndarray:
+  """(B, F, H, W, 3) in [0, 1] -> ``vae``'s posterior-mean reconstruction, same layout, float64 clipped to [0, 1]."""
+  recon = vae.decode(vae.encode(jnp.asarray(scenes.to_video(pixels))).latent_dist.mean).sample  # (B, 3, F, H, W)
+  return np.clip((np.asarray(recon, np.float64).transpose(0, 2, 3, 4, 1) + 1.0) / 2.0, 0.0, 1.0)
 
 
 def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:

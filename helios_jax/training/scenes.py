@@ -177,6 +177,11 @@ def _object_covers(params: dict, frames: jax.Array, cfg: SceneConfig) -> jax.Arr
 
 def _render_one(params: dict, frames: jax.Array, cfg: SceneConfig) -> jax.Array:
   """One scene: (F, H, W, 3) float32 in [0, 1]."""
+  return _render_and_cover_one(params, frames, cfg)[0]
+
+
+def _render_and_cover_one(params: dict, frames: jax.Array, cfg: SceneConfig) -> tuple[jax.Array, jax.Array]:
+  """One scene's pixels (F, H, W, 3) and object coverage (F, H, W) from one evaluation of the objects' shapes."""
   yy, xx = _grid(cfg)
   w = cfg.width
   # background texture
@@ -187,9 +192,10 @@ def _render_one(params: dict, frames: jax.Array, cfg: SceneConfig) -> jax.Array:
   mix = jnp.stack([stripes, checker, jnp.zeros_like(u)])[params["texture"]]
   bg = params["bg"] * (1 - mix[..., None]) + params["bg2"] * mix[..., None]
   img = jnp.broadcast_to(bg, (frames.shape[0], cfg.height, w, 3))
-  for i, cover in enumerate(_object_covers(params, frames, cfg)):  # later objects are drawn over earlier ones
+  covers = _object_covers(params, frames, cfg)
+  for i, cover in enumerate(covers):  # later objects are drawn over earlier ones
     img = img * (1 - cover[..., None]) + params["colour"][i] * cover[..., None]
-  return img
+  return img, jnp.max(covers, axis=0)
 
 
 def _coverage_one(params: dict, frames: jax.Array, cfg: SceneConfig) -> jax.Array:
@@ -212,6 +218,13 @@ def coverage(params: dict, frames, cfg: SceneConfig = SceneConfig()) -> jax.Arra
   background, fractional on its 1-pixel edge), the maximum over the scene's objects where they overlap.
   """
   return _compiled(_coverage_one, cfg)(jax.tree_util.tree_map(jnp.asarray, params), jnp.asarray(frames, jnp.int32))
+
+
+def render_with_coverage(params: dict, frames, cfg: SceneConfig = SceneConfig()) -> tuple[jax.Array, jax.Array]:
+  """:func:`render` and :func:`coverage` of the same frames in one call (the shapes are evaluated once):
+  (B, F, H, W, 3), (B, F, H, W)."""
+  return _compiled(_render_and_cover_one, cfg)(jax.tree_util.tree_map(jnp.asarray, params),
+                                               jnp.asarray(frames, jnp.int32))
 
 
 _COMPILED: dict = {}  # one jitted function per (per-scene function, SceneConfig)

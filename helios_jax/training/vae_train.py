@@ -141,7 +141,8 @@ def clip_batch_with_coverage(seed: int, step: int, batch: int, frames: int, max_
                              cfg: scenes.SceneConfig) -> tuple[jax.Array, jax.Array]:
   """:func:`clip_batch` and its pixels' object coverage: (B, 3, frames, H, W), (B, frames, H, W) in [0, 1]."""
   params, frame_ids = _clip_scenes(seed, step, batch, frames, max_start, cfg)
-  return _to_video(scenes.render(params, frame_ids, cfg)), scenes.coverage(params, frame_ids, cfg)
+  pixels, cover = scenes.render_with_coverage(params, frame_ids, cfg)
+  return _to_video(pixels), cover
 
 
 def latent_stats(model: AutoencoderKLWan, seed: int, clips: int, batch: int, frames: int,
