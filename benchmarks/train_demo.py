@@ -7,6 +7,8 @@ each stage through the project's own trainers, under one wall-clock budget.
     python benchmarks/train_demo.py --out OUT --stages ode,ahd,base_nocorrupt --quality   # GPU, second call
     python benchmarks/train_demo.py --out /tmp/demo --quick  # CPU dry run with the :tiny configs (minutes)
     python benchmarks/train_demo.py --assemble OUT           # unpack a run's outputs into helios_jax/assets/demo
+    python benchmarks/train_demo.py --out OUT --stages base,base_nocorrupt --continue base --continue base_nocorrupt
+                                                             # more steps for assembled models (runs/demo/<stage>)
 
 Writes to OUT (at most 8 files, each well under 16 MiB, so the GPU tool returns them):
   components.tar.gz          vae/ text_encoder/ tokenizer/ (shared by every pipeline folder)
@@ -114,6 +116,21 @@ def _reusable(folder: str, name: str) -> str:
     return os.path.join(folder, "transformer") if json.load(f).get("helios_jax_demo") == name else ""
 
 
+CONTINUABLE = ("base", "base_nocorrupt", "mid")
+
+
+def _continue_folders(specs: list[str], reuse: str) -> dict[str, str]:
+  """``--continue STAGE[=FOLDER]`` values -> {stage: pipeline folder}; the default folder of ``mid`` is ``reuse``,
+  of the others ``runs/demo/<stage>`` (where ``--assemble`` puts them). Raises ValueError on a bad value."""
+  out = {}
+  for spec in specs:
+    name, _, folder = spec.partition("=")
+    if name not in CONTINUABLE:
+      raise ValueError(f"--continue {spec!r}: the stage must be one of {', '.join(CONTINUABLE)}")
+    out[name] = folder or (reuse if name == "mid" else os.path.join(ROOT, "runs", "demo", name))
+  return out
+
+
 def _metrics(workdir: str) -> list[dict]:
   from helios_jax.training.metrics import read_metrics
   return read_metrics(workdir)
@@ -213,19 +230,21 @@ def run(args) -> dict:
     save_log()
   # 4. transformer stages
   trained = {}
+  continued = getattr(args, "continued", {})
   reused_mid = _reusable(args.reuse, "mid")
   reused_base = _reusable(args.reuse, "base")  # lets Mid train in a later call than its Base
   for name in ("base", "mid", "base_nocorrupt", "ode", "ahd"):
     if name not in stages:
       continue
     mid = trained.get("mid") or reused_mid
+    start = ""  # --continue: the transformer this stage resumes from
+    if name in continued:
+      start = _reusable(continued[name], name)
+      if not start:
+        _log(f"--continue {name} needs a {name} pipeline folder, {continued[name]!r} is not; {name} skipped")
+        continue
     if name == "mid":
-      base = trained.get("base") or reused_base
-      if args.continue_mid:  # more steps for an already trained Mid: start from the --reuse folder's Mid
-        base = reused_mid
-        if not base:
-          _log(f"--continue-mid needs --reuse to be a Mid folder, {args.reuse!r} is not; mid skipped")
-          continue
+      base = start or trained.get("base") or reused_base
       if not base:
         _log("mid needs a Base: add 'base' to --stages or --reuse an assembled Base folder; skipped")
         continue
@@ -246,6 +265,7 @@ def run(args) -> dict:
     else:
       cfg = demo_base.get_config(",".join(v for v in (variant, "nocorrupt" if name == "base_nocorrupt" else "")
                                           if v))
+      cfg.model.pretrained = start  # "" = from scratch
     cfg.data.data_dir = data_dir
     if args.steps:
       cfg.total_steps = args.steps
@@ -260,7 +280,7 @@ def run(args) -> dict:
         continue
       budget = min(budget, left) if budget > 0 else left
     t0 = time.perf_counter()
-    wd = os.path.join(work, "mid_continued" if name == "mid" and args.continue_mid else name)  # not the Mid's run
+    wd = os.path.join(work, f"{name}_continued" if start else name)  # not the run it continues
     out = train_with_budget(cfg, wd, budget)
     merged = os.path.join(wd, "merged")
     trained[name] = merged
@@ -374,8 +394,11 @@ def main(argv=None) -> int:
   p.add_argument("--total", type=float, help=f"whole-run budget in seconds (default {TOTAL_BUDGET:.0f}; 0 = none; "
                                              "--quick: none)")
   p.add_argument("--steps", type=int, help="override total_steps of the transformer stages")
-  p.add_argument("--continue-mid", action="store_true",
-                 help="train the mid stage from the --reuse folder's Mid instead of a Base (more steps for it)")
+  p.add_argument("--continue", dest="continue_from", action="append", metavar="STAGE[=FOLDER]", default=[],
+                 help="more steps for an already trained base, base_nocorrupt or mid: the stage starts from "
+                      "FOLDER's transformer (a demo pipeline folder of that stage; default: runs/demo/STAGE, for "
+                      "mid the --reuse folder) instead of from scratch or from a Base")
+  p.add_argument("--continue-mid", action="store_true", help="the same as --continue mid")
   p.add_argument("--vae-steps", type=int, help="override total_steps of the VAE")
   p.add_argument("--clips", type=int, help="number of encoded training clips")
   p.add_argument("--posterior", default="mean", choices=("mean", "sample"),
@@ -398,6 +421,10 @@ def main(argv=None) -> int:
     p.error("--out is required")
   if args.total is None:
     args.total = 0.0 if args.quick else TOTAL_BUDGET
+  try:
+    args.continued = _continue_folders(args.continue_from + (["mid"] if args.continue_mid else []), args.reuse)
+  except ValueError as e:
+    p.error(str(e))
   log = run(args)
   print(json.dumps({k: v for k, v in log.items() if k != "stages"}, indent=1))
   for name, rec in log["stages"].items():

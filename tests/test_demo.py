@@ -302,7 +302,17 @@ def test_train_demo_quick_chain(tmp_path):
                           "--reuse", str(reuse), "--clips", "4"], check=True, env=env, capture_output=True, text=True)
     assert (out2 / "transformer_mid.tar.gz").exists() == expect, run.stdout
     if not expect:
-      assert "--continue-mid needs --reuse to be a Mid folder" in run.stdout
+      assert "--continue mid needs a mid pipeline folder" in run.stdout
+  # --continue base=FOLDER: more Base steps from an assembled Base (its own workdir, not the Base run's)
+  out3 = tmp_path / "out_base"
+  subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_demo.py"), "--out", str(out3), "--quick",
+                  "--work", str(tmp_path / "work"), "--stages", "base", "--continue", f"base={base}", "--clips", "4"],
+                 check=True, env=env)
+  assert (out3 / "transformer_base.tar.gz").exists()
+  assert (tmp_path / "work" / "base_continued" / "merged").is_dir()
+  bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_demo.py"), "--out", str(out3),
+                        "--continue", "vae"], env=env, capture_output=True, text=True)
+  assert bad.returncode == 2 and "the stage must be one of base, base_nocorrupt, mid" in bad.stderr
 
 
 def test_quality_metrics_measure_a_known_shift():
