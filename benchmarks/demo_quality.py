@@ -3,6 +3,7 @@
 
     python benchmarks/demo_quality.py --model distilled=PATH:1,1,1 --model base=PATH:50 \
         --model base_nocorrupt=PATH:50 --clips 8 --chunks 10 --out results.json
+    python benchmarks/demo_quality.py --model mid=PATH:10,10,10 --model mid_cfg3=PATH:10,10,10@3 --compare mid_cfg3:mid
 
 For each model and each held-out clip (scene stream ``--seed``, never used in training) the model continues the
 clip's first frame (I2V) with the clip's caption for ``--chunks`` chunks of 33 frames. Measured against the
@@ -15,8 +16,18 @@ renderer's ground truth:
 * drift: both per chunk index (how error grows along the video), with the slope of a least-squares line.
 
 The locator is checked on the ground truth frames themselves (``locator_check``: error and miss rate of the
-method with a perfect generator). Results: one JSON record per model with per-chunk curves and summaries, also
-appended to ``benchmarks/results/demo_quality.jsonl`` when ``--record`` is given.
+method with a perfect generator). Two baselines without a model put the numbers in scale (``baselines``): the
+start image repeated (a model that draws the right objects and never moves them), and a uniformly random point
+per object and frame (a model that draws the right objects anywhere: its position error, no PSNR).
+
+Each clip is sampled with ``--seeds`` sampling seeds (``--seed``, ``--seed + 1``, ...); a clip-and-seed pair is one
+sample. ``--compare A:B`` (repeatable; by default base:base_nocorrupt and distilled:base when those models are
+given) reports the paired per-sample difference A - B of the mean position error and the mean PSNR, with a 95%
+bootstrap interval over the samples: an interval that contains 0 means these clips and seeds do not separate the
+two models. A model's ``@G`` suffix sets its classifier-free guidance scale (default: its folder's default).
+
+Results: one JSON record per model with per-chunk curves, per-sample means and summaries, also appended to
+``benchmarks/results/demo_quality.jsonl`` when ``--record`` is given.
 """
 
 from __future__ import annotations
@@ -102,6 +113,53 @@ def slope(values: list[float]) -> float:
   return float(np.polyfit(x[ok], y[ok], 1)[0])
 
 
+def per_sample(records: list[dict], skip_first_frame: bool = True) -> dict:
+  """Whole-clip means of each sample (one generated clip): position error over its detected object-frames (NaN if
+  none), detection rate, PSNR. -> dict of lists, one value per record."""
+  out = dict(pos_err=[], detect_rate=[], psnr=[])
+  lo = 1 if skip_first_frame else 0
+  for r in records:
+    act = r["active"]
+    out["pos_err"].append(_nanmean(r["err"][lo:, act]))
+    out["detect_rate"].append(float(r["found"][lo:, act].mean()))
+    out["psnr"].append(float(np.mean(r["psnr"][lo:])))
+  return out
+
+
+def paired_difference(a, b, boots: int = 2000, seed: int = 0) -> dict:
+  """Mean of ``a - b`` over the samples where both are finite, and its 95% bootstrap interval (percentile, samples
+  resampled with replacement). -> dict(mean, low, high, n); NaNs when fewer than 2 pairs."""
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  d = d[np.isfinite(d)]
+  if len(d) < 2:
+    return dict(mean=float("nan"), low=float("nan"), high=float("nan"), n=int(len(d)))
+  rng = np.random.default_rng(seed)
+  means = d[rng.integers(0, len(d), size=(boots, len(d)))].mean(axis=1)
+  low, high = np.percentile(means, [2.5, 97.5])
+  return dict(mean=float(d.mean()), low=float(low), high=float(high), n=int(len(d)))
+
+
+def baselines(clips: list[dict], chunks: int, tol: float, seed: int = 0) -> dict:
+  """Model-free references: ``repeat_start`` (the first frame repeated: right objects, never moving) through the
+  same metrics, and ``random_position`` (a uniformly random point per object and frame: position error only)."""
+  rep = [clip_metrics(np.repeat(c["truth"][:1], len(c["truth"]), axis=0), c["truth"], c["params"], c["positions"],
+                      tol) for c in clips]
+  rng = np.random.default_rng(seed)
+  rand = []
+  for c in clips:
+    f, (h, w) = len(c["truth"]), c["truth"].shape[1:3]
+    guess = rng.uniform(0.0, 1.0, c["positions"].shape) * np.array([w, h], np.float64)
+    act = c["params"]["active"].astype(bool)
+    err = np.where(act[None], np.linalg.norm(guess - c["positions"], axis=-1), np.nan)
+    rand.append(dict(err=err, found=np.broadcast_to(act[None], err.shape).copy(), psnr=np.full(f, np.nan),
+                     active=act))
+  out = {}
+  for name, recs in (("repeat_start", rep), ("random_position", rand)):
+    curves = per_chunk(recs, chunks)
+    out[name] = dict(per_chunk=curves, per_sample=per_sample(recs), **summarise(curves))
+  return out
+
+
 def summarise(curves: dict) -> dict:
   return dict(pos_err_mean=_nanmean(curves["pos_err"]), pos_err_first=curves["pos_err"][0],
               pos_err_last=curves["pos_err"][-1], pos_err_slope_per_chunk=slope(curves["pos_err"]),
@@ -109,20 +167,29 @@ def summarise(curves: dict) -> dict:
               psnr_slope_per_chunk=slope(curves["psnr"]), detect_rate=float(np.mean(curves["detect_rate"])))
 
 
-def parse_model(spec: str) -> tuple[str, str, list[int] | None]:
-  """``name=PATH[:s1,s2,...]`` -> (name, path, steps or None)."""
+def parse_model(spec: str) -> tuple[str, str, list[int] | None, float | None]:
+  """``name=PATH[:s1,s2,...][@guidance]`` -> (name, path, steps or None, guidance or None)."""
   if "=" not in spec:
-    raise SystemExit(f"--model must be name=PATH[:steps], got {spec!r}")
+    raise SystemExit(f"--model must be name=PATH[:steps][@guidance], got {spec!r}")
   name, rest = spec.split("=", 1)
-  steps = None
-  if ":" in rest:
-    rest, s = rest.rsplit(":", 1)
-    steps = [int(v) for v in s.split(",")]
-  return name, rest, steps
+  steps = guidance = None
+  try:
+    if "@" in rest:
+      rest, g = rest.rsplit("@", 1)
+      guidance = float(g)
+    if ":" in rest:
+      rest, s = rest.rsplit(":", 1)
+      steps = [int(v) for v in s.split(",")]
+  except ValueError:
+    raise SystemExit(f"--model must be name=PATH[:steps][@guidance] (steps: integers, comma-separated; guidance: "
+                     f"a number), got {spec!r}") from None
+  return name, rest, steps, guidance
 
 
-def run_model(path: str, steps, clips: list, chunks: int, seed: int) -> tuple[list[np.ndarray], float, list[int]]:
-  """Generates the I2V continuation of every clip: (frames per clip (F, H, W, 3), median seconds per clip, steps)."""
+def run_model(path: str, steps, clips: list, chunks: int, seeds: list[int], guidance: float | None = None
+              ) -> tuple[list[np.ndarray], float, list[int], float]:
+  """Generates the I2V continuation of every clip with every seed (clip-major): (frames per sample (F, H, W, 3),
+  median seconds per sample, steps, guidance)."""
   import jax.numpy as jnp
   from PIL import Image
   from helios_jax.io.checkpoint import load_json
@@ -133,12 +200,12 @@ def run_model(path: str, steps, clips: list, chunks: int, seed: int) -> tuple[li
   cls = HeliosPyramidPipeline if pyramid else HeliosPipeline
   pipe = cls.from_pretrained(path, dtype=jnp.float32, text_encoder_dtype=jnp.float32)
   steps = steps or list(defaults.get("steps", [10, 10, 10] if pyramid else [50]))
+  guidance = float(defaults.get("guidance", 1.0)) if guidance is None else float(guidance)
   outs, times = [], []
-  for clip in clips:
+  for clip, seed in ((c, s) for c in clips for s in seeds):
     first = Image.fromarray(np.round(clip["truth"][0] * 255).astype(np.uint8))
     kw = dict(prompt=clip["caption"], image=first, height=clip["truth"].shape[1], width=clip["truth"].shape[2],
-              num_frames=chunks * WINDOW, guidance_scale=float(defaults.get("guidance", 1.0)), seed=seed,
-              output_type="np", progress=False)
+              num_frames=chunks * WINDOW, guidance_scale=guidance, seed=seed, output_type="np", progress=False)
     if pyramid:
       kw.update(pyramid_num_inference_steps_list=tuple(steps),
                 is_amplify_first_chunk=bool(index.get("is_distilled", False)))
@@ -148,7 +215,7 @@ def run_model(path: str, steps, clips: list, chunks: int, seed: int) -> tuple[li
     frames = np.asarray(pipe(**kw).frames[0], np.float32)
     times.append(time.perf_counter() - t0)
     outs.append(frames)
-  return outs, float(np.median(times)), steps
+  return outs, float(np.median(times)), steps, guidance
 
 
 def held_out_clips(n: int, chunks: int, cfg: scenes.SceneConfig, seed: int = HELD_OUT_SEED) -> list[dict]:
@@ -164,37 +231,60 @@ def held_out_clips(n: int, chunks: int, cfg: scenes.SceneConfig, seed: int = HEL
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", action="append", required=True, help="name=PATH[:steps], repeatable")
+  p.add_argument("--model", action="append", default=[],
+                 help="name=PATH[:steps][@guidance], repeatable (none: only the locator check and the baselines)")
   p.add_argument("--clips", type=int, default=8)
   p.add_argument("--chunks", type=int, default=10)
-  p.add_argument("--seed", type=int, default=42, help="sampling seed")
+  p.add_argument("--seed", type=int, default=42, help="first sampling seed")
+  p.add_argument("--seeds", type=int, default=1, help="sampling seeds per clip (--seed, --seed + 1, ...)")
+  p.add_argument("--compare", action="append", metavar="A:B",
+                 help="paired difference A - B with a bootstrap interval (repeatable; default: base:base_nocorrupt "
+                      "and distilled:base when given)")
   p.add_argument("--colour-tol", type=float, default=0.25, help="RGB distance for the colour locator")
   p.add_argument("--out", help="write the JSON results here")
   p.add_argument("--save-frames", help="folder: write each model's first clip as a contact-sheet PNG")
   p.add_argument("--record", action="store_true", help="append to benchmarks/results/demo_quality.jsonl")
   args = p.parse_args(argv)
+  if args.clips < 1 or args.chunks < 1 or args.seeds < 1:
+    p.error("--clips, --chunks and --seeds must be at least 1")
   models = [parse_model(m) for m in args.model]
+  names = [m[0] for m in models]
+  if len(set(names)) != len(names):
+    p.error(f"model names must be distinct, got {names}")
+  if args.compare:
+    pairs = [tuple(c.split(":", 1)) for c in args.compare]
+    bad = [c for c, pr in zip(args.compare, pairs) if len(pr) != 2 or not set(pr) <= set(names)]
+    if bad:
+      p.error(f"--compare takes A:B with A and B among the models ({', '.join(names)}), got {', '.join(bad)}")
+  else:
+    pairs = [pr for pr in (("base", "base_nocorrupt"), ("distilled", "base")) if set(pr) <= set(names)]
+  for _, path, _, _ in models:
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+      p.error(f"{path} is not a pipeline folder (no model_index.json)")
+  seeds = [args.seed + i for i in range(args.seeds)]
   from helios_jax.io.checkpoint import load_json
-  defaults = load_json(os.path.join(models[0][1], "model_index.json"), "model_index.json").get(
-      "helios_jax_defaults") or {}
+  defaults = (load_json(os.path.join(models[0][1], "model_index.json"), "model_index.json").get(
+      "helios_jax_defaults") or {}) if models else {}
   cfg = scenes.SceneConfig(height=int(defaults.get("height", 128)), width=int(defaults.get("width", 128)))
   clips = held_out_clips(args.clips, args.chunks, cfg)
   check = [clip_metrics(c["truth"], c["truth"], c["params"], c["positions"], args.colour_tol) for c in clips]
   check_curves = per_chunk(check, args.chunks)
   results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  clips=args.clips, chunks=args.chunks, held_out_seed=HELD_OUT_SEED, sampling_seed=args.seed,
-                 resolution=[cfg.height, cfg.width],
+                 sampling_seeds=seeds, resolution=[cfg.height, cfg.width],
                  locator_check=dict(pos_err_mean=_nanmean(check_curves["pos_err"]),
                                     detect_rate=float(np.mean(check_curves["detect_rate"]))),
-                 models={})
+                 baselines=baselines(clips, args.chunks, args.colour_tol), models={}, comparisons={})
   import jax
   results["device"] = str(jax.devices()[0])
-  for name, path, steps in models:
-    frames, sec, used = run_model(path, steps, clips, args.chunks, args.seed)
-    recs = [clip_metrics(f, c["truth"], c["params"], c["positions"], args.colour_tol) for f, c in zip(frames, clips)]
+  for name, path, steps, guidance in models:
+    frames, sec, used, g = run_model(path, steps, clips, args.chunks, seeds, guidance)
+    samples = [c for c in clips for _ in seeds]  # clip-major, as run_model
+    recs = [clip_metrics(f, c["truth"], c["params"], c["positions"], args.colour_tol)
+            for f, c in zip(frames, samples)]
     curves = per_chunk(recs, args.chunks)
-    results["models"][name] = dict(path=os.path.relpath(path, ROOT), steps=used, seconds_per_clip=sec,
-                                   per_chunk=curves, **summarise(curves))
+    results["models"][name] = dict(path=os.path.relpath(path, ROOT), steps=used, guidance=g, seconds_per_clip=sec,
+                                   per_chunk=curves, per_sample=per_sample(recs), **summarise(curves))
     print(f"{name} (steps {used}): pos err {results['models'][name]['pos_err_mean']:.2f} px "
           f"(chunk 1 {curves['pos_err'][0]:.2f} -> chunk {args.chunks} {curves['pos_err'][-1]:.2f}), "
           f"PSNR {results['models'][name]['psnr_mean']:.2f} dB, detect {results['models'][name]['detect_rate']:.3f}, "
@@ -203,10 +293,21 @@ def main(argv=None) -> int:
       from helios_jax.io import media
       os.makedirs(args.save_frames, exist_ok=True)
       media.write_contact_sheet(os.path.join(args.save_frames, f"{name}.png"), frames[0])
+    for a, b in pairs:
+      if a in results["models"] and b in results["models"] and f"{a}-{b}" not in results["comparisons"]:
+        ma, mb = results["models"][a]["per_sample"], results["models"][b]["per_sample"]
+        cmp_ = {k: paired_difference(ma[k], mb[k]) for k in ("pos_err", "psnr")}
+        results["comparisons"][f"{a}-{b}"] = cmp_
+        print(f"{a} - {b}: pos err {cmp_['pos_err']['mean']:+.2f} px [{cmp_['pos_err']['low']:+.2f}, "
+              f"{cmp_['pos_err']['high']:+.2f}], PSNR {cmp_['psnr']['mean']:+.2f} dB [{cmp_['psnr']['low']:+.2f}, "
+              f"{cmp_['psnr']['high']:+.2f}] (95% bootstrap, {cmp_['pos_err']['n']} samples)", flush=True)
     if args.out:  # after every model: a run cut short keeps the models it finished
       with open(args.out, "w", encoding="utf-8") as f:
         f.write(json.dumps(results, indent=1))
   text = json.dumps(results, indent=1)
+  if args.out:
+    with open(args.out, "w", encoding="utf-8") as f:
+      f.write(text)
   if args.record:
     with open(os.path.join(ROOT, "benchmarks", "results", "demo_quality.jsonl"), "a", encoding="utf-8") as f:
       f.write(json.dumps(results) + "\n")

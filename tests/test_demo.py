@@ -337,6 +337,56 @@ def test_quality_metrics_measure_a_known_shift():
   assert demo_quality.slope([1.0, 3.0, 5.0]) == pytest.approx(2.0)
 
 
+def _demo_quality():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import demo_quality
+  return demo_quality
+
+
+def test_quality_paired_difference_and_its_interval():
+  dq = _demo_quality()
+  b = np.linspace(10.0, 50.0, 40)
+  exact = dq.paired_difference(b + 2.0, b)
+  assert exact["mean"] == pytest.approx(2.0) and exact["low"] == pytest.approx(2.0) and exact["n"] == 40
+  noise = np.random.default_rng(1).normal(0.0, 1.0, 40)
+  shifted = dq.paired_difference(b + 1.0 + noise, b)
+  assert 0.0 < shifted["low"] < 1.0 + noise.mean() < shifted["high"]  # separates from 0, covers the true shift
+  same = dq.paired_difference(b + noise, b + noise[::-1])
+  assert same["low"] < 0.0 < same["high"]
+  with_nan = dq.paired_difference([1.0, np.nan, 3.0], [0.0, 1.0, 1.0])
+  assert with_nan["n"] == 2 and with_nan["mean"] == pytest.approx(1.5)
+  assert np.isnan(dq.paired_difference([1.0], [0.0])["mean"])
+
+
+def test_quality_model_spec_and_bad_arguments(tmp_path):
+  dq = _demo_quality()
+  assert dq.parse_model("mid=some/dir:10,10,10@3") == ("mid", "some/dir", [10, 10, 10], 3.0)
+  assert dq.parse_model("base=d:50") == ("base", "d", [50], None)
+  assert dq.parse_model("x=d@1.5") == ("x", "d", None, 1.5)
+  for bad in ("nodir", "x=d:ten", "x=d@high"):
+    with pytest.raises(SystemExit, match="name=PATH"):
+      dq.parse_model(bad)
+  model = os.path.join(ROOT, "helios_jax", "assets", "demo", "model")
+  for argv in (["--model", f"a={model}", "--compare", "a:b"], ["--model", f"a={tmp_path}"],
+               ["--model", f"a={model}", "--model", f"a={model}"], ["--model", f"a={model}", "--seeds", "0"]):
+    with pytest.raises(SystemExit) as e:
+      dq.main(argv)
+    assert e.value.code == 2
+
+
+def test_quality_baselines_bracket_a_model():
+  """Repeating the start image is exact at the start and drifts as objects move; random points are far anywhere."""
+  dq = _demo_quality()
+  clips = dq.held_out_clips(3, 3, SMALL)
+  base = dq.baselines(clips, 3, 0.25)
+  rep, rnd = base["repeat_start"], base["random_position"]
+  assert rep["per_chunk"]["pos_err"][0] < rep["per_chunk"]["pos_err"][2]
+  assert rep["per_chunk"]["pos_err"][0] < rnd["per_chunk"]["pos_err"][0]
+  # mean distance of a uniform point in a 64-px square to a point inside it: 0.38 (centre) to 0.77 (corner) x 64
+  assert 0.3 * 64 < rnd["pos_err_mean"] < 0.8 * 64 and rnd["detect_rate"] == 1.0
+  assert len(rep["per_sample"]["pos_err"]) == 3 and np.isnan(rnd["psnr_mean"])
+
+
 def test_conditioning_variants_change_only_their_input():
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   import demo_conditioning
