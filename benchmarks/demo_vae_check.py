@@ -54,10 +54,9 @@ def main(argv=None) -> int:
   recon = demo.reconstruct(vae, truth[None])[0]
   start_psnr = demo.frame_psnr(recon, truth)
   objects = np.asarray(scenes.coverage(params, np.arange(demo.WINDOW), cfg))[0] > 0.5  # (33, H, W)
-  result = dict(model=os.path.relpath(folder, ROOT), held_out_clips=args.clips,
-                held_out_psnr=float(held_out.mean()), held_out_frame0=float(held_out[:, 0].mean()),
-                held_out_frames_1_16=float(held_out[:, 1:17].mean()),
-                held_out_frames_17_32=float(held_out[:, 17:].mean()),
+  parts = demo.psnr_parts(held_out)
+  result = dict(model=os.path.relpath(folder, ROOT), held_out_clips=args.clips, held_out_psnr=parts.pop("mean"),
+                **{f"held_out_{k}": v for k, v in parts.items()},
                 start_scene_caption=caption, start_scene_psnr=float(start_psnr.mean()),
                 start_scene_frame0=float(start_psnr[0]),
                 start_scene_objects_psnr=demo.masked_psnr(recon, truth, objects),

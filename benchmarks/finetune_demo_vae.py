@@ -46,9 +46,8 @@ def main(argv=None) -> int:
   frames = demo.WINDOW
 
   def check(model):
-    psnr = demo.reconstruction_psnr(model, scfg, num_clips=args.check_clips, frames=frames)
-    return dict(mean=round(float(psnr.mean()), 2), frame0=round(float(psnr[:, 0].mean()), 2),
-                frames_1_16=round(float(psnr[:, 1:17].mean()), 2), frames_17_32=round(float(psnr[:, 17:].mean()), 2))
+    parts = demo.psnr_parts(demo.reconstruction_psnr(model, scfg, num_clips=args.check_clips, frames=frames))
+    return {k: round(v, 2) for k, v in parts.items()}
 
   before = check(vae)
   print(f"before: {before}", flush=True)

@@ -190,8 +190,10 @@ def run(args) -> dict:
                                 latents_mean=list(vae.config.latents_mean),
                                 latents_std=list(vae.config.latents_std),
                                 recon_psnr_per_frame=[round(float(v), 2) for v in recon.mean(axis=0)])
+    parts = demo.psnr_parts(recon)
     _log(f"vae done in {train_s:.0f} s, last loss {losses[-1]:.4f}; held-out 33-frame reconstruction PSNR "
-         f"{recon.mean():.2f} dB (frames 0-16: {recon[:, :17].mean():.2f}, 17-32: {recon[:, 17:].mean():.2f})")
+         f"{parts['mean']:.2f} dB (frame 0: {parts['frame0']:.2f}, frames 1-16: {parts['frames_1_16']:.2f}, "
+         f"17-32: {parts['frames_17_32']:.2f})")
     save_log()
   elif not os.path.isdir(vae_folder):
     shutil.copytree(os.path.join(args.reuse, "vae"), vae_folder)

@@ -337,6 +337,12 @@ def test_quality_metrics_measure_a_known_shift():
   assert demo_quality.slope([1.0, 3.0, 5.0]) == pytest.approx(2.0)
 
 
+def test_psnr_parts_split_the_chunk_where_the_checks_look():
+  per_frame = np.tile(np.arange(33, dtype=np.float64), (2, 1))
+  parts = demo.psnr_parts(per_frame)
+  assert parts == dict(mean=16.0, frame0=0.0, frames_1_16=8.5, frames_17_32=24.5)
+
+
 def _demo_quality():
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   import demo_quality

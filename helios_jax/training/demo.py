@@ -130,6 +130,15 @@ def reconstruction_psnr(vae, scene_cfg: scenes.SceneConfig, num_clips: int = 4, 
   return np.stack([frame_psnr(reconstruct(vae, pixels[i:i + 1])[0], pixels[i]) for i in range(num_clips)])
 
 
+def psnr_parts(per_frame: np.ndarray) -> dict[str, float]:
+  """The summary every VAE check reports from :func:`reconstruction_psnr`'s (clips, 33) array: the mean, frame 0
+  (the single-frame latent I2V conditions on), frames 1-16 and frames 17-32 (where a VAE trained on short clips
+  drifted), in dB."""
+  p = np.asarray(per_frame, np.float64)
+  return dict(mean=float(p.mean()), frame0=float(p[:, 0].mean()), frames_1_16=float(p[:, 1:17].mean()),
+              frames_17_32=float(p[:, 17:].mean()))
+
+
 def reconstruct(vae, pixels: np.ndarray) -> np.ndarray:
   """(B, F, H, W, 3) in [0, 1] -> ``vae``'s posterior-mean reconstruction, same layout, float64 clipped to [0, 1]."""
   recon = vae.decode(vae.encode(jnp.asarray(scenes.to_video(pixels))).latent_dist.mean).sample  # (B, 3, F, H, W)
