@@ -85,10 +85,40 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--unstack-layers", action="store_true",
                  help="run the transformer blocks from per-layer weight arrays: ~3%% faster forwards on a GPU, "
                       "~4x longer compilation (docs/benchmarks.md); not with --mesh")
+  p.add_argument("--compile-cache", metavar="DIR|none", default=None,
+                 help="JAX's persistent compilation cache: a later run with the same shapes skips most compilation "
+                      "(default: $HELIOS_JAX_COMPILE_CACHE, else $JAX_COMPILATION_CACHE_DIR when set, else "
+                      f"{_default_cache_dir()}; 'none' turns it off)")
   p.add_argument("--free-text-encoder", action="store_true",
                  help="encode the prompts first, then free the text encoder (UMT5-XXL, ~11 GB) before loading "
                       "the transformer")
   return p
+
+
+def _default_cache_dir() -> str:
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "helios_jax", "xla")
+
+
+def _enable_compile_cache(choice: str | None) -> str | None:
+  """Points JAX's persistent compilation cache at ``choice`` (or the default, see ``--compile-cache``); returns the
+  folder used, None when off. Programs that compile in under half a second are not stored. A folder that cannot
+  be created is a warning, not an error: the run compiles as before."""
+  choice = choice or os.environ.get("HELIOS_JAX_COMPILE_CACHE") or ""
+  if choice.lower() == "none":
+    return None
+  if not choice and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]  # JAX reads it itself
+  path = os.path.abspath(os.path.expanduser(choice or _default_cache_dir()))
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    print(f"warning: compilation cache {path} unusable ({e.strerror}); compiling without it", file=sys.stderr)
+    return None
+  import jax
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return path
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -295,6 +325,7 @@ def _run(argv) -> int:
   if not args.model:
     _use_demo(args)
   _check_arguments(args)
+  _enable_compile_cache(args.compile_cache)
   mesh_shape = None
   if args.mesh:
     from helios_jax.parallel.mesh import parse_mesh

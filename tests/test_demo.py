@@ -276,6 +276,29 @@ def test_sample_without_model_uses_the_bundled_demo(tmp_path, capsys):
   assert frames.shape[0] == 33
 
 
+def test_sample_keeps_a_compilation_cache(tmp_path):
+  """--compile-cache DIR: the run stores its compiled programs there (a subprocess: JAX sets its cache up once per
+  process, and the suite's other tests configure their own)."""
+  cache = tmp_path / "xla"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("HELIOS_JAX_COMPILE_CACHE", None)
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--mode", "i2v", "--out",
+                        str(tmp_path / "a.mp4"), "--num-frames", "33", "--steps", "1", "1", "1", "--compile-cache",
+                        str(cache)], env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr
+  assert len(list(cache.iterdir())) >= 3  # at least the three pyramid stages' programs
+
+
+def test_sample_compile_cache_off_and_unusable(tmp_path, capsys):
+  sys.path.insert(0, ROOT)
+  import sample
+  assert sample._enable_compile_cache("none") is None
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  assert sample._enable_compile_cache(str(blocker / "xla")) is None
+  assert "compiling without it" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_train_demo_quick_chain(tmp_path):
   """The GPU script's whole chain on the CPU with the :tiny configs, then --assemble and sampling."""
