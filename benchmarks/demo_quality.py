@@ -277,6 +277,13 @@ def main(argv=None) -> int:
                  baselines=baselines(clips, args.chunks, args.colour_tol), models={}, comparisons={})
   import jax
   results["device"] = str(jax.devices()[0])
+
+  def save():  # after the baselines and after every model: a run cut short keeps what it finished
+    if args.out:
+      with open(args.out, "w", encoding="utf-8") as f:
+        f.write(json.dumps(results, indent=1))
+
+  save()
   for name, path, steps, guidance in models:
     frames, sec, used, g = run_model(path, steps, clips, args.chunks, seeds, guidance)
     samples = [c for c in clips for _ in seeds]  # clip-major, as run_model
@@ -301,17 +308,11 @@ def main(argv=None) -> int:
         print(f"{a} - {b}: pos err {cmp_['pos_err']['mean']:+.2f} px [{cmp_['pos_err']['low']:+.2f}, "
               f"{cmp_['pos_err']['high']:+.2f}], PSNR {cmp_['psnr']['mean']:+.2f} dB [{cmp_['psnr']['low']:+.2f}, "
               f"{cmp_['psnr']['high']:+.2f}] (95% bootstrap, {cmp_['pos_err']['n']} samples)", flush=True)
-    if args.out:  # after every model: a run cut short keeps the models it finished
-      with open(args.out, "w", encoding="utf-8") as f:
-        f.write(json.dumps(results, indent=1))
-  text = json.dumps(results, indent=1)
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      f.write(text)
+    save()
   if args.record:
     with open(os.path.join(ROOT, "benchmarks", "results", "demo_quality.jsonl"), "a", encoding="utf-8") as f:
       f.write(json.dumps(results) + "\n")
-  print(text)
+  print(json.dumps(results, indent=1))
   return 0
 
 
