@@ -339,8 +339,7 @@ def test_train_demo_quick_chain(tmp_path):
 
 
 def test_quality_metrics_measure_a_known_shift():
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import demo_quality
+  demo_quality = _demo_quality()
   cfg = SMALL
   p, _ = scenes.sample_scene(2, 0, cfg)
   frames = np.arange(2 * demo_quality.WINDOW)
