@@ -20,8 +20,8 @@ Each stage has its own budget (seconds); a stage that reaches it saves, stops an
 record says so), so the command always finishes in time. Latents are encoded once, on the device.
 
 ``--assemble`` turns those files into diffusers-layout pipeline folders: the default bundled model
-``helios_jax/assets/demo/model`` (Mid, or the stage named by --default) and ``runs/demo/<name>`` for the others
-(``benchmarks/demo_quality.py`` compares them).
+``helios_jax/assets/demo/model`` (the Base, or the stage named by --default; ``--default none`` bundles nothing) and
+``runs/demo/<name>`` for the others (``benchmarks/demo_quality.py`` compares them).
 """
 
 from __future__ import annotations
@@ -105,6 +105,9 @@ def _bf16_copy(folder: str, workdir: str) -> str:
 
 
 TAR_NAME = dict(ahd="distilled")  # the stage-3 result is the "distilled" pipeline
+# The stage --assemble bundles by default: the Base places the start image's objects best in the first chunk
+# (benchmarks/results/demo_quality_run5.json; helios_jax/assets/demo/README.md).
+BUNDLED_STAGE = "base"
 
 
 def _reusable(folder: str, name: str) -> str:
@@ -359,7 +362,8 @@ def assemble(src: str, default_kind: str = "", runs: str = os.path.join(ROOT, "r
            if os.path.isfile(os.path.join(src, f"transformer_{n}.tar.gz"))]
   if not names:
     raise SystemExit(f"no transformer_*.tar.gz in {src}")
-  default = default_kind or ("mid" if "mid" in names else "")  # a run without Mid leaves the bundled model alone
+  # The bundled stage is the Base (the model card says why); a run without it leaves the bundled model alone.
+  default = default_kind or (BUNDLED_STAGE if BUNDLED_STAGE in names else "")
   scene = log["stages"].get("data", {}).get("meta", {})
   folders = {}
   for name in names:
@@ -414,7 +418,8 @@ def main(argv=None) -> int:
   p.add_argument("--quality-chunks", type=int, default=10)
   p.add_argument("--assemble", metavar="SRC", help="unpack SRC (a run's --out) into helios_jax/assets/demo")
   p.add_argument("--default", default="",
-                 help="with --assemble: which stage becomes the bundled default (default: mid when the run has it)")
+                 help="with --assemble: which stage becomes the bundled default (default: base when the run has it; "
+                      "'none': keep the bundled model)")
   args = p.parse_args(argv)
   if args.assemble:
     assemble(args.assemble, args.default)

@@ -258,15 +258,20 @@ def test_encode_dataset_matches_direct_encoding(tmp_path):
 # sample.py defaults
 
 
+def _one_step_per_stage() -> list[str]:
+  """``--steps`` for the bundled model with one step per pyramid stage (a Base: one stage): keeps tests short."""
+  sched = json.load(open(os.path.join(ROOT, "helios_jax", "assets", "demo", "model", "scheduler",
+                                      "scheduler_config.json")))
+  return ["1"] * int(sched.get("stages", 1))
+
+
 def test_sample_without_model_uses_the_bundled_demo(tmp_path, capsys):
   sys.path.insert(0, ROOT)
   import sample
   if not os.path.isfile(os.path.join(sample.DEMO_DIR, "model", "model_index.json")):
     pytest.skip("bundled demo model not present")
   out = tmp_path / "demo.mp4"
-  sched = json.load(open(os.path.join(sample.DEMO_DIR, "model", "scheduler", "scheduler_config.json")))
-  steps = ["1"] * int(sched.get("stages", 1))  # one step per stage keeps the test short; defaults otherwise
-  rc = sample.main(["--mode", "i2v", "--out", str(out), "--num-frames", "33", "--steps", *steps])
+  rc = sample.main(["--mode", "i2v", "--out", str(out), "--num-frames", "33", "--steps", *_one_step_per_stage()])
   text = capsys.readouterr()
   assert rc == 0, text.err
   assert "bundled demo model" in text.out and "BestWishYsh/Helios" in text.out
@@ -283,10 +288,10 @@ def test_sample_keeps_a_compilation_cache(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("HELIOS_JAX_COMPILE_CACHE", None)
   run = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--mode", "i2v", "--out",
-                        str(tmp_path / "a.mp4"), "--num-frames", "33", "--steps", "1", "1", "1", "--compile-cache",
-                        str(cache)], env=env, capture_output=True, text=True, timeout=600)
+                        str(tmp_path / "a.mp4"), "--num-frames", "33", "--steps", *_one_step_per_stage(),
+                        "--compile-cache", str(cache)], env=env, capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr
-  assert len(list(cache.iterdir())) >= 3  # at least the three pyramid stages' programs
+  assert len(list(cache.iterdir())) >= 3  # at least the text encoder, a denoising step and the VAE decode
 
 
 def test_sample_compile_cache_off_and_unusable(tmp_path, capsys):
@@ -336,6 +341,46 @@ def test_train_demo_quick_chain(tmp_path):
   bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_demo.py"), "--out", str(out3),
                         "--continue", "vae"], env=env, capture_output=True, text=True)
   assert bad.returncode == 2 and "the stage must be one of base, base_nocorrupt, mid" in bad.stderr
+
+
+def test_assemble_bundles_the_base_unless_told_otherwise(tmp_path, monkeypatch):
+  """``train_demo.py --assemble``: the run's Base becomes the bundled model (``BUNDLED_STAGE``), the other stages go
+  to ``runs``; ``--default none`` bundles nothing, and a run without a Base leaves the bundled model alone."""
+  import tarfile
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import train_demo
+  model = os.path.join(ROOT, "helios_jax", "assets", "demo", "model")
+  src = tmp_path / "out"
+  src.mkdir()
+  with tarfile.open(src / "components.tar.gz", "w:gz") as tar:
+    for name in ("vae", "text_encoder", "tokenizer"):
+      tar.add(os.path.join(model, name), arcname=name)
+  (src / "train_log.json").write_text(json.dumps({"stages": {}, "posterior": "mean"}))
+
+  def transformers(*names):
+    for n in ("base", "mid", "distilled"):
+      if os.path.exists(src / f"transformer_{n}.tar.gz"):
+        os.remove(src / f"transformer_{n}.tar.gz")
+    for n in names:
+      with tarfile.open(src / f"transformer_{n}.tar.gz", "w:gz") as tar:
+        tar.add(os.path.join(model, "transformer"), arcname="transformer")
+
+  def kind(folder):
+    return json.load(open(os.path.join(folder, "model_index.json")))["helios_jax_demo"]
+
+  bundled = tmp_path / "bundled"
+  monkeypatch.setattr(train_demo, "DEFAULT_MODEL", str(bundled))
+  transformers("base", "mid")
+  got = train_demo.assemble(str(src), "", runs=str(tmp_path / "runs"))
+  assert got == {"mid": str(tmp_path / "runs" / "mid"), "base": str(bundled)}
+  assert kind(bundled) == "base" and kind(got["mid"]) == "mid"
+  stamp = os.path.getmtime(bundled / "model_index.json")
+  got = train_demo.assemble(str(src), "none", runs=str(tmp_path / "runs2"))
+  assert set(got.values()) == {str(tmp_path / "runs2" / "mid"), str(tmp_path / "runs2" / "base")}
+  transformers("mid", "distilled")
+  got = train_demo.assemble(str(src), "", runs=str(tmp_path / "runs3"))
+  assert str(bundled) not in got.values() and os.path.getmtime(bundled / "model_index.json") == stamp
+  assert kind(got["distilled"]) == "distilled"
 
 
 def test_quality_metrics_measure_a_known_shift():
