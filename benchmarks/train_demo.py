@@ -9,6 +9,8 @@ each stage through the project's own trainers, under one wall-clock budget.
     python benchmarks/train_demo.py --assemble OUT           # unpack a run's outputs into helios_jax/assets/demo
     python benchmarks/train_demo.py --out OUT --stages base,base_nocorrupt --continue base --continue base_nocorrupt
                                                              # more steps for assembled models (runs/demo/<stage>)
+    python benchmarks/train_demo.py --out OUT --stages base --set base:objective.random_drop_i2v=0.5
+                                                             # a config key overridden for one stage
 
 Writes to OUT (at most 8 files, each well under 16 MiB, so the GPU tool returns them):
   components.tar.gz          vae/ text_encoder/ tokenizer/ (shared by every pipeline folder)
@@ -134,6 +136,64 @@ def _continue_folders(specs: list[str], reuse: str) -> dict[str, str]:
   return out
 
 
+STAGES = ("vae", "base", "mid", "base_nocorrupt", "ode", "ahd")
+
+
+def _parse_sets(specs: list[str]) -> list[tuple[str, str, object]]:
+  """``--set STAGE:KEY=VALUE`` values -> [(stage, dotted key, value)]; VALUE is a Python literal (number, bool,
+  string, tuple) or else a plain string. Raises ValueError on a malformed value or an unknown stage or key."""
+  import ast
+  out = []
+  for spec in specs:
+    stage, colon, rest = spec.partition(":")
+    key, eq, raw = rest.partition("=")
+    if not colon or not eq or not key:
+      raise ValueError(f"--set {spec!r}: expected STAGE:KEY=VALUE, e.g. base:objective.random_drop_i2v=0.5")
+    if stage not in STAGES:
+      raise ValueError(f"--set {spec!r}: the stage must be one of {', '.join(STAGES)}")
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    _apply_set(_stage_config(stage, ""), key, value, spec)  # fails here, before any device time, on a bad key
+    out.append((stage, key, value))
+  return out
+
+
+def _stage_config(name: str, variant: str):
+  """The config module's ConfigDict of stage ``name`` (before the run's own settings)."""
+  import demo_ahd
+  import demo_base
+  import demo_mid
+  import demo_ode
+  import demo_vae
+  if name in ("base", "base_nocorrupt"):
+    return demo_base.get_config(",".join(v for v in (variant, "nocorrupt" if name == "base_nocorrupt" else "") if v))
+  return dict(vae=demo_vae, mid=demo_mid, ode=demo_ode, ahd=demo_ahd)[name].get_config(variant)
+
+
+def _apply_set(cfg, key: str, value, spec: str = "") -> None:
+  """Sets dotted ``key`` of ConfigDict ``cfg`` to ``value`` (an existing key only; ConfigDict checks the type)."""
+  *parents, leaf = key.split(".")
+  node = cfg
+  for part in parents:
+    if part not in node:
+      raise ValueError(f"--set {spec or key!r}: the config has no {part!r} in {key!r}")
+    node = node[part]
+  if not hasattr(node, "keys") or leaf not in node:
+    raise ValueError(f"--set {spec or key!r}: the config has no key {key!r}")
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise ValueError(f"--set {spec or key!r}: {e}") from None
+
+
+def _apply_sets(cfg, name: str, sets) -> None:
+  for stage, key, value in sets:
+    if stage == name:
+      _apply_set(cfg, key, value)
+
+
 def _metrics(workdir: str) -> list[dict]:
   from helios_jax.training.metrics import read_metrics
   return read_metrics(workdir)
@@ -163,8 +223,9 @@ def run(args) -> dict:
   comp = os.path.join(work, "components")
   os.makedirs(args.out, exist_ok=True)
   os.makedirs(comp, exist_ok=True)
+  args.sets = getattr(args, "sets", [])
   log = dict(device=str(jax.devices()[0]), quick=quick, stages={}, budgets=budgets, started=time.time(),
-             posterior=args.posterior)
+             posterior=args.posterior, sets=[f"{st}:{k}={v!r}" for st, k, v in args.sets])
   t_all = time.perf_counter()
 
   def save_log():
@@ -178,6 +239,7 @@ def run(args) -> dict:
   if "vae" in stages:
     t0 = time.perf_counter()
     cfg = demo_vae.get_config(variant)
+    _apply_sets(cfg, "vae", args.sets)
     cfg.max_seconds = budgets["vae"]
     cfg.image_max_seconds = budgets["vae_images"]
     if args.vae_steps:
@@ -272,6 +334,7 @@ def run(args) -> dict:
                                           if v))
       cfg.model.pretrained = start  # "" = from scratch
     cfg.data.data_dir = data_dir
+    _apply_sets(cfg, name, args.sets)
     if args.steps:
       cfg.total_steps = args.steps
     if args.batch:
@@ -405,6 +468,9 @@ def main(argv=None) -> int:
                       "FOLDER's transformer (a demo pipeline folder of that stage; default: runs/demo/STAGE, for "
                       "mid the --reuse folder) instead of from scratch or from a Base")
   p.add_argument("--continue-mid", action="store_true", help="the same as --continue mid")
+  p.add_argument("--set", dest="set_specs", action="append", metavar="STAGE:KEY=VALUE", default=[],
+                 help="override a key of one stage's config, e.g. base:objective.random_drop_i2v=0.5 (repeatable; "
+                      "applied after the script's own settings, before --steps / --batch; recorded in train_log)")
   p.add_argument("--vae-steps", type=int, help="override total_steps of the VAE")
   p.add_argument("--clips", type=int, help="number of encoded training clips")
   p.add_argument("--posterior", default="mean", choices=("mean", "sample"),
@@ -430,6 +496,7 @@ def main(argv=None) -> int:
     args.total = 0.0 if args.quick else TOTAL_BUDGET
   try:
     args.continued = _continue_folders(args.continue_from + (["mid"] if args.continue_mid else []), args.reuse)
+    args.sets = _parse_sets(args.set_specs)
   except ValueError as e:
     p.error(str(e))
   log = run(args)

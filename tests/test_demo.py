@@ -310,9 +310,13 @@ def test_train_demo_quick_chain(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = tmp_path / "out"
   subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_demo.py"), "--out", str(out), "--quick",
-                  "--work", str(tmp_path / "work"), "--stages", "vae,base,mid", "--clips", "4"], check=True, env=env)
+                  "--work", str(tmp_path / "work"), "--stages", "vae,base,mid", "--clips", "4",
+                  "--set", "base:objective.random_drop_i2v=0.5"], check=True, env=env)
   log = json.load(open(out / "train_log.json"))
   assert {"vae", "data", "base", "mid"} <= set(log["stages"])
+  assert log["sets"] == ["base:objective.random_drop_i2v=0.5"]
+  saved = json.load(open(tmp_path / "work" / "base" / "config.json"))  # what the Base trained with
+  assert saved["objective"]["random_drop_i2v"] == 0.5
   assert sorted(os.listdir(out)) == ["components.tar.gz", "train_log.json", "transformer_base.tar.gz",
                                      "transformer_mid.tar.gz"]
   # --continue-mid: more Mid steps from a Mid pipeline folder (and a clear skip when --reuse is not a Mid)
@@ -381,6 +385,32 @@ def test_assemble_bundles_the_base_unless_told_otherwise(tmp_path, monkeypatch):
   got = train_demo.assemble(str(src), "", runs=str(tmp_path / "runs3"))
   assert str(bundled) not in got.values() and os.path.getmtime(bundled / "model_index.json") == stamp
   assert kind(got["distilled"]) == "distilled"
+
+
+def test_train_demo_set_overrides_one_stage_config_key():
+  """``--set STAGE:KEY=VALUE``: parsed as a Python literal, checked against the stage's config before any run,
+  applied to that stage only; malformed specs, unknown stages / keys and wrong types exit with a usage error."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import train_demo
+  sets = train_demo._parse_sets(["base:objective.random_drop_i2v=0.5", "mid:optim.learning_rate=1e-4",
+                                 "ahd:seed=7"])
+  assert sets == [("base", "objective.random_drop_i2v", 0.5), ("mid", "optim.learning_rate", 1e-4),
+                  ("ahd", "seed", 7)]
+  cfg = train_demo._stage_config("base", "tiny")
+  before = cfg.optim.learning_rate
+  train_demo._apply_sets(cfg, "base", sets)
+  assert cfg.objective.random_drop_i2v == 0.5 and cfg.optim.learning_rate == before
+  nocorrupt = train_demo._stage_config("base_nocorrupt", "")
+  train_demo._apply_sets(nocorrupt, "base_nocorrupt", sets)  # "base" sets leave the ablation alone
+  assert nocorrupt.objective.random_drop_i2v == 0.2 and not nocorrupt.objective.corrupt_history
+  for bad, msg in (("base:objective.random_drop_i2v", "STAGE:KEY=VALUE"), ("nope:seed=1", "stage must be one of"),
+                   ("base:objective.no_such_key=1", "no key"), ("base:nothing.seed=1", "no 'nothing'"),
+                   ("base:optim.learning_rate='fast'", "base:optim.learning_rate")):
+    with pytest.raises(ValueError, match=msg):
+      train_demo._parse_sets([bad])
+  with pytest.raises(SystemExit) as e:
+    train_demo.main(["--out", "/tmp/unused", "--set", "base:no.such=1"])
+  assert e.value.code == 2
 
 
 def test_quality_metrics_measure_a_known_shift():
