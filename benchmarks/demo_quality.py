@@ -12,6 +12,10 @@ renderer's ground truth:
 * object-position error: every object is located in every generated frame by its colour (centroid of the pixels
   within ``--colour-tol`` of its RGB colour) and compared with its true centre (pixels); a frame where the object
   is not found counts as a miss (``detect_rate``) and is left out of the error;
+* on-target rate (``hit_rate``): the share of object-frames where an object of the right colour is found within
+  the object's own circumradius of its true centre (the drawn object covers the true centre). It counts a miss as
+  a miss, so a model that draws faint objects found only near the start image cannot look better than one that
+  draws every object (the position error, over detected frames only, can);
 * PSNR of the generated frames against the true continuation;
 * drift: both per chunk index (how error grows along the video), with the slope of a least-squares line.
 
@@ -22,7 +26,7 @@ per object and frame (a model that draws the right objects anywhere: its positio
 
 Each clip is sampled with ``--seeds`` sampling seeds (``--seed``, ``--seed + 1``, ...); a clip-and-seed pair is one
 sample. ``--compare A:B`` (repeatable; by default base:base_nocorrupt and distilled:base when those models are
-given) reports the paired per-sample difference A - B of the mean position error and the mean PSNR, with a 95%
+given) reports the paired per-sample difference A - B of the mean position error, on-target rate and PSNR, with a 95%
 bootstrap interval over the samples: an interval that contains 0 means these clips and seeds do not separate the
 two models. A model's ``@G`` suffix sets its classifier-free guidance scale (default: its folder's default).
 
@@ -66,7 +70,8 @@ psnr = demo.frame_psnr  # per-frame PSNR (dB) of (F, H, W, 3) images in [0, 1]
 
 
 def clip_metrics(frames: np.ndarray, truth: np.ndarray, params: dict, positions: np.ndarray, tol: float) -> dict:
-  """Per-frame position error (F, K) (NaN where missed or inactive), found (F, K), psnr (F,)."""
+  """Per-frame position error (F, K) (NaN where missed or inactive), found (F, K), hit (F, K): found within the
+  object's circumradius of its true centre, psnr (F,)."""
   f = min(len(frames), len(truth))
   err = np.full((f, scenes.MAX_OBJECTS), np.nan)
   found = np.zeros((f, scenes.MAX_OBJECTS), bool)
@@ -77,22 +82,31 @@ def clip_metrics(frames: np.ndarray, truth: np.ndarray, params: dict, positions:
     found[:, k] = ok
     e = np.linalg.norm(c - positions[:f, k], axis=-1)
     err[:, k] = np.where(ok, e, np.nan)
-  return dict(err=err, found=found, psnr=psnr(frames[:f], truth[:f]), active=params["active"].astype(bool))
+  return dict(err=err, found=found, hit=_hits(err, params), psnr=psnr(frames[:f], truth[:f]),
+              active=params["active"].astype(bool))
+
+
+def _hits(err: np.ndarray, params: dict) -> np.ndarray:
+  """(F, K) bool: a position error (NaN = missed) below the object's circumradius."""
+  radius = np.asarray(params["radius"], np.float64)[None]
+  return np.nan_to_num(err, nan=np.inf) < radius
 
 
 def per_chunk(records: list[dict], chunks: int, skip_first_frame: bool = True) -> dict:
   """Aggregates clip metrics by chunk index: mean position error, detection rate, PSNR."""
-  out = dict(pos_err=[], detect_rate=[], psnr=[])
+  out = dict(pos_err=[], detect_rate=[], hit_rate=[], psnr=[])
   for c in range(chunks):
     lo, hi = c * WINDOW + (1 if (c == 0 and skip_first_frame) else 0), (c + 1) * WINDOW
-    errs, found, ps = [], [], []
+    errs, found, hits, ps = [], [], [], []
     for r in records:
       act = r["active"]
       errs.append(r["err"][lo:hi][:, act].ravel())
       found.append(r["found"][lo:hi][:, act].ravel())
+      hits.append(r["hit"][lo:hi][:, act].ravel())
       ps.append(r["psnr"][lo:hi])
     out["pos_err"].append(_nanmean(np.concatenate(errs)))
     out["detect_rate"].append(float(np.concatenate(found).mean()))
+    out["hit_rate"].append(float(np.concatenate(hits).mean()))
     out["psnr"].append(float(np.concatenate(ps).mean()))
   return out
 
@@ -115,13 +129,14 @@ def slope(values: list[float]) -> float:
 
 def per_sample(records: list[dict], skip_first_frame: bool = True) -> dict:
   """Whole-clip means of each sample (one generated clip): position error over its detected object-frames (NaN if
-  none), detection rate, PSNR. -> dict of lists, one value per record."""
-  out = dict(pos_err=[], detect_rate=[], psnr=[])
+  none), detection rate, on-target rate, PSNR. -> dict of lists, one value per record."""
+  out = dict(pos_err=[], detect_rate=[], hit_rate=[], psnr=[])
   lo = 1 if skip_first_frame else 0
   for r in records:
     act = r["active"]
     out["pos_err"].append(_nanmean(r["err"][lo:, act]))
     out["detect_rate"].append(float(r["found"][lo:, act].mean()))
+    out["hit_rate"].append(float(r["hit"][lo:, act].mean()))
     out["psnr"].append(float(np.mean(r["psnr"][lo:])))
   return out
 
@@ -151,8 +166,8 @@ def baselines(clips: list[dict], chunks: int, tol: float, seed: int = 0) -> dict
     guess = rng.uniform(0.0, 1.0, c["positions"].shape) * np.array([w, h], np.float64)
     act = c["params"]["active"].astype(bool)
     err = np.where(act[None], np.linalg.norm(guess - c["positions"], axis=-1), np.nan)
-    rand.append(dict(err=err, found=np.broadcast_to(act[None], err.shape).copy(), psnr=np.full(f, np.nan),
-                     active=act))
+    rand.append(dict(err=err, found=np.broadcast_to(act[None], err.shape).copy(), hit=_hits(err, c["params"]),
+                     psnr=np.full(f, np.nan), active=act))
   out = {}
   for name, recs in (("repeat_start", rep), ("random_position", rand)):
     curves = per_chunk(recs, chunks)
@@ -164,7 +179,8 @@ def summarise(curves: dict) -> dict:
   return dict(pos_err_mean=_nanmean(curves["pos_err"]), pos_err_first=curves["pos_err"][0],
               pos_err_last=curves["pos_err"][-1], pos_err_slope_per_chunk=slope(curves["pos_err"]),
               psnr_mean=float(np.mean(curves["psnr"])), psnr_first=curves["psnr"][0], psnr_last=curves["psnr"][-1],
-              psnr_slope_per_chunk=slope(curves["psnr"]), detect_rate=float(np.mean(curves["detect_rate"])))
+              psnr_slope_per_chunk=slope(curves["psnr"]), detect_rate=float(np.mean(curves["detect_rate"])),
+              hit_rate=float(np.mean(curves["hit_rate"])), hit_rate_first=curves["hit_rate"][0])
 
 
 def parse_model(spec: str) -> tuple[str, str, list[int] | None, float | None]:
@@ -273,7 +289,8 @@ def main(argv=None) -> int:
                  clips=args.clips, chunks=args.chunks, held_out_seed=HELD_OUT_SEED, sampling_seed=args.seed,
                  sampling_seeds=seeds, resolution=[cfg.height, cfg.width],
                  locator_check=dict(pos_err_mean=_nanmean(check_curves["pos_err"]),
-                                    detect_rate=float(np.mean(check_curves["detect_rate"]))),
+                                    detect_rate=float(np.mean(check_curves["detect_rate"])),
+                                    hit_rate=float(np.mean(check_curves["hit_rate"]))),
                  baselines=baselines(clips, args.chunks, args.colour_tol), models={}, comparisons={})
   import jax
   results["device"] = str(jax.devices()[0])
@@ -295,6 +312,7 @@ def main(argv=None) -> int:
     print(f"{name} (steps {used}): pos err {results['models'][name]['pos_err_mean']:.2f} px "
           f"(chunk 1 {curves['pos_err'][0]:.2f} -> chunk {args.chunks} {curves['pos_err'][-1]:.2f}), "
           f"PSNR {results['models'][name]['psnr_mean']:.2f} dB, detect {results['models'][name]['detect_rate']:.3f}, "
+          f"on target {results['models'][name]['hit_rate']:.3f} (chunk 1 {curves['hit_rate'][0]:.3f}), "
           f"{sec:.1f} s/clip", flush=True)
     if args.save_frames:
       from helios_jax.io import media
@@ -303,10 +321,12 @@ def main(argv=None) -> int:
     for a, b in pairs:
       if a in results["models"] and b in results["models"] and f"{a}-{b}" not in results["comparisons"]:
         ma, mb = results["models"][a]["per_sample"], results["models"][b]["per_sample"]
-        cmp_ = {k: paired_difference(ma[k], mb[k]) for k in ("pos_err", "psnr")}
+        cmp_ = {k: paired_difference(ma[k], mb[k]) for k in ("pos_err", "hit_rate", "psnr")}
         results["comparisons"][f"{a}-{b}"] = cmp_
         print(f"{a} - {b}: pos err {cmp_['pos_err']['mean']:+.2f} px [{cmp_['pos_err']['low']:+.2f}, "
-              f"{cmp_['pos_err']['high']:+.2f}], PSNR {cmp_['psnr']['mean']:+.2f} dB [{cmp_['psnr']['low']:+.2f}, "
+              f"{cmp_['pos_err']['high']:+.2f}], on target {cmp_['hit_rate']['mean']:+.3f} "
+              f"[{cmp_['hit_rate']['low']:+.3f}, {cmp_['hit_rate']['high']:+.3f}], "
+              f"PSNR {cmp_['psnr']['mean']:+.2f} dB [{cmp_['psnr']['low']:+.2f}, "
               f"{cmp_['psnr']['high']:+.2f}] (95% bootstrap, {cmp_['pos_err']['n']} samples)", flush=True)
     save()
   if args.record:

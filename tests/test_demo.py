@@ -431,6 +431,13 @@ def test_quality_metrics_measure_a_known_shift():
   np.testing.assert_allclose(shifted["psnr"], expect, rtol=1e-6)
   curves = demo_quality.per_chunk([shifted], 2)
   assert len(curves["pos_err"]) == 2 and curves["detect_rate"][0] > 0.9
+  # on target: within the object's circumradius (>= 5.8 px at 64x64) -- the truth and a 3-px shift are; a shift by
+  # half the frame is not, though every object is still found
+  assert demo_quality.per_chunk([same], 2)["hit_rate"] == [1.0, 1.0]
+  assert min(curves["hit_rate"]) > 0.9
+  far = demo_quality.clip_metrics(np.roll(truth, cfg.width // 2, axis=2), truth, p, pos, 0.25)
+  far_curves = demo_quality.per_chunk([far], 2)
+  assert min(far_curves["detect_rate"]) > 0.9 and max(far_curves["hit_rate"]) < 0.2
   assert demo_quality.slope([1.0, 3.0, 5.0]) == pytest.approx(2.0)
 
 
@@ -488,6 +495,9 @@ def test_quality_baselines_bracket_a_model():
   # mean distance of a uniform point in a 64-px square to a point inside it: 0.38 (centre) to 0.77 (corner) x 64
   assert 0.3 * 64 < rnd["pos_err_mean"] < 0.8 * 64 and rnd["detect_rate"] == 1.0
   assert len(rep["per_sample"]["pos_err"]) == 3 and np.isnan(rnd["psnr_mean"])
+  # on target: the standing start image is at first (its objects have not moved off yet), a random point rarely
+  assert rep["per_chunk"]["hit_rate"][0] > rep["per_chunk"]["hit_rate"][2]
+  assert rep["hit_rate_first"] > 0.15 and rnd["hit_rate"] < 0.1 and len(rnd["per_sample"]["hit_rate"]) == 3
 
 
 def test_conditioning_variants_change_only_their_input():
