@@ -499,6 +499,9 @@ def main(argv=None) -> int:
     args.sets = _parse_sets(args.set_specs)
   except ValueError as e:
     p.error(str(e))
+  unused = sorted({st for st, _, _ in args.sets} - set(args.stages.split(",")))
+  if unused:
+    p.error(f"--set names stage(s) {', '.join(unused)} that --stages ({args.stages}) does not run")
   log = run(args)
   print(json.dumps({k: v for k, v in log.items() if k != "stages"}, indent=1))
   for name, rec in log["stages"].items():

@@ -408,9 +408,10 @@ def test_train_demo_set_overrides_one_stage_config_key():
                    ("base:optim.learning_rate='fast'", "base:optim.learning_rate")):
     with pytest.raises(ValueError, match=msg):
       train_demo._parse_sets([bad])
-  with pytest.raises(SystemExit) as e:
-    train_demo.main(["--out", "/tmp/unused", "--set", "base:no.such=1"])
-  assert e.value.code == 2
+  for argv in (["--set", "base:no.such=1"], ["--stages", "mid", "--set", "base:seed=1"]):
+    with pytest.raises(SystemExit) as e:
+      train_demo.main(["--out", "/tmp/unused", *argv])
+    assert e.value.code == 2
 
 
 def test_quality_metrics_measure_a_known_shift():
