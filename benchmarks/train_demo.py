@@ -239,9 +239,9 @@ def run(args) -> dict:
   if "vae" in stages:
     t0 = time.perf_counter()
     cfg = demo_vae.get_config(variant)
-    _apply_sets(cfg, "vae", args.sets)
     cfg.max_seconds = budgets["vae"]
     cfg.image_max_seconds = budgets["vae_images"]
+    _apply_sets(cfg, "vae", args.sets)
     if args.vae_steps:
       cfg.total_steps = args.vae_steps
     if args.batch:
