@@ -10,6 +10,9 @@ averaged over ``--draws`` noise draws for four variants of the same batch (same 
 
 * ``true``: the clip's history and caption;
 * ``no_history``: anchor and history latents zeroed (a model that reads its history does worse here);
+* ``i2v_history``: what an I2V continuation gives the model, the anchor and the most recent history frame kept and
+  the 18 older frames zeroed (the I2V drop pattern of training, ``corruption.drop_keep_mask``): a model that can
+  continue an image does better here than with ``no_history``;
 * ``other_caption``: the caption embedding of another clip of the batch;
 * ``zero_caption``: the caption embedding zeroed (what caption dropout trains).
 
@@ -35,7 +38,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 from benchmarks import print_and_write  # noqa: E402
 
-VARIANTS = ("true", "no_history", "other_caption", "zero_caption")
+VARIANTS = ("true", "no_history", "i2v_history", "other_caption", "zero_caption")
 
 
 def variant_batch(batch: dict, name: str) -> dict:
@@ -45,6 +48,8 @@ def variant_batch(batch: dict, name: str) -> dict:
   if name == "no_history":
     b["x0"] = jnp.zeros_like(b["x0"])
     b["history"] = jnp.zeros_like(b["history"])
+  elif name == "i2v_history":  # (B, C, 19, h, w), oldest first: keep the newest frame
+    b["history"] = b["history"].at[:, :, :-1].set(0.0)
   elif name == "other_caption":
     b["prompt_embeds"] = jnp.roll(b["prompt_embeds"], 1, axis=0)
   elif name == "zero_caption":

@@ -6,7 +6,9 @@
     python benchmarks/demo_quality.py --model mid=PATH:10,10,10 --model mid_cfg3=PATH:10,10,10@3 --compare mid_cfg3:mid
 
 For each model and each held-out clip (scene stream ``--seed``, never used in training) the model continues the
-clip's first frame (I2V) with the clip's caption for ``--chunks`` chunks of 33 frames. Measured against the
+clip's first frame (I2V) with the clip's caption for ``--chunks`` chunks of 33 frames; with ``--condition video``
+it continues the clip's first 33 frames instead (V2V: the full history of a chunk, not just one image) and is
+scored on the frames after them. Measured against the
 renderer's ground truth:
 
 * object-position error: every object is located in every generated frame by its colour (centroid of the pixels
@@ -154,10 +156,11 @@ def paired_difference(a, b, boots: int = 2000, seed: int = 0) -> dict:
   return dict(mean=float(d.mean()), low=float(low), high=float(high), n=int(len(d)))
 
 
-def baselines(clips: list[dict], chunks: int, tol: float, seed: int = 0) -> dict:
-  """Model-free references: ``repeat_start`` (the first frame repeated: right objects, never moving) through the
-  same metrics, and ``random_position`` (a uniformly random point per object and frame: position error only)."""
-  rep = [clip_metrics(np.repeat(c["truth"][:1], len(c["truth"]), axis=0), c["truth"], c["params"], c["positions"],
+def baselines(clips: list[dict], chunks: int, tol: float, seed: int = 0, skip_first_frame: bool = True) -> dict:
+  """Model-free references: ``repeat_start`` (the last frame the model is given repeated: right objects, never
+  moving) through the same metrics, and ``random_position`` (a uniformly random point per object and frame:
+  position error only)."""
+  rep = [clip_metrics(np.repeat(c["start"][None], len(c["truth"]), axis=0), c["truth"], c["params"], c["positions"],
                       tol) for c in clips]
   rng = np.random.default_rng(seed)
   rand = []
@@ -170,8 +173,8 @@ def baselines(clips: list[dict], chunks: int, tol: float, seed: int = 0) -> dict
                      psnr=np.full(f, np.nan), active=act))
   out = {}
   for name, recs in (("repeat_start", rep), ("random_position", rand)):
-    curves = per_chunk(recs, chunks)
-    out[name] = dict(per_chunk=curves, per_sample=per_sample(recs), **summarise(curves))
+    curves = per_chunk(recs, chunks, skip_first_frame)
+    out[name] = dict(per_chunk=curves, per_sample=per_sample(recs, skip_first_frame), **summarise(curves))
   return out
 
 
@@ -219,8 +222,11 @@ def run_model(path: str, steps, clips: list, chunks: int, seeds: list[int], guid
   guidance = float(defaults.get("guidance", 1.0)) if guidance is None else float(guidance)
   outs, times = [], []
   for clip, seed in ((c, s) for c in clips for s in seeds):
-    first = Image.fromarray(np.round(clip["truth"][0] * 255).astype(np.uint8))
-    kw = dict(prompt=clip["caption"], image=first, height=clip["truth"].shape[1], width=clip["truth"].shape[2],
+    if clip["given"] is None:  # I2V: the clip's first frame
+      cond = dict(image=Image.fromarray(np.round(clip["truth"][0] * 255).astype(np.uint8)))
+    else:  # V2V: the frames before the scored part
+      cond = dict(video=np.round(clip["given"] * 255).astype(np.uint8))
+    kw = dict(prompt=clip["caption"], **cond, height=clip["truth"].shape[1], width=clip["truth"].shape[2],
               num_frames=chunks * WINDOW, guidance_scale=guidance, seed=seed, output_type="np", progress=False)
     if pyramid:
       kw.update(pyramid_num_inference_steps_list=tuple(steps),
@@ -234,14 +240,19 @@ def run_model(path: str, steps, clips: list, chunks: int, seeds: list[int], guid
   return outs, float(np.median(times)), steps, guidance
 
 
-def held_out_clips(n: int, chunks: int, cfg: scenes.SceneConfig, seed: int = HELD_OUT_SEED) -> list[dict]:
-  frames = np.arange(chunks * WINDOW)
+def held_out_clips(n: int, chunks: int, cfg: scenes.SceneConfig, seed: int = HELD_OUT_SEED, lead: int = 0
+                   ) -> list[dict]:
+  """``n`` held-out scenes: ``truth`` (chunks * 33, H, W, 3) and ``positions`` of the scored frames, ``given`` (the
+  ``lead`` frames before them, V2V's input; None when ``lead`` is 0: I2V is given ``truth[0]``) and ``start`` (the
+  last frame the model is given, which ``repeat_start`` repeats)."""
+  frames = np.arange(lead + chunks * WINDOW)
   clips = []
   for i in range(n):
     params, caption = scenes.sample_scene(seed, i, cfg)
     truth = np.asarray(scenes.render(scenes.stack_params([params]), frames, cfg))[0]
-    clips.append(dict(params=params, caption=caption, truth=truth,
-                      positions=scenes.object_positions(params, frames, cfg)))
+    positions = scenes.object_positions(params, frames, cfg)
+    clips.append(dict(params=params, caption=caption, truth=truth[lead:], positions=positions[lead:],
+                      given=truth[:lead] if lead else None, start=truth[lead - 1] if lead else truth[0]))
   return clips
 
 
@@ -256,6 +267,9 @@ def main(argv=None) -> int:
   p.add_argument("--compare", action="append", metavar="A:B",
                  help="paired difference A - B with a bootstrap interval (repeatable; default: base:base_nocorrupt "
                       "and distilled:base when given)")
+  p.add_argument("--condition", choices=("image", "video"), default="image",
+                 help="image: I2V from each clip's first frame (scored from frame 1); video: V2V from its first 33 "
+                      "frames (scored from frame 33, all generated)")
   p.add_argument("--colour-tol", type=float, default=0.25, help="RGB distance for the colour locator")
   p.add_argument("--out", help="write the JSON results here")
   p.add_argument("--save-frames", help="folder: write each model's first clip as a contact-sheet PNG")
@@ -282,16 +296,19 @@ def main(argv=None) -> int:
   defaults = (load_json(os.path.join(models[0][1], "model_index.json"), "model_index.json").get(
       "helios_jax_defaults") or {}) if models else {}
   cfg = scenes.SceneConfig(height=int(defaults.get("height", 128)), width=int(defaults.get("width", 128)))
-  clips = held_out_clips(args.clips, args.chunks, cfg)
+  video = args.condition == "video"
+  skip = not video  # I2V's frame 0 is the given image
+  clips = held_out_clips(args.clips, args.chunks, cfg, lead=WINDOW if video else 0)
   check = [clip_metrics(c["truth"], c["truth"], c["params"], c["positions"], args.colour_tol) for c in clips]
-  check_curves = per_chunk(check, args.chunks)
+  check_curves = per_chunk(check, args.chunks, skip)
   results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  clips=args.clips, chunks=args.chunks, held_out_seed=HELD_OUT_SEED, sampling_seed=args.seed,
-                 sampling_seeds=seeds, resolution=[cfg.height, cfg.width],
+                 sampling_seeds=seeds, resolution=[cfg.height, cfg.width], condition=args.condition,
                  locator_check=dict(pos_err_mean=_nanmean(check_curves["pos_err"]),
                                     detect_rate=float(np.mean(check_curves["detect_rate"])),
                                     hit_rate=float(np.mean(check_curves["hit_rate"]))),
-                 baselines=baselines(clips, args.chunks, args.colour_tol), models={}, comparisons={})
+                 baselines=baselines(clips, args.chunks, args.colour_tol, skip_first_frame=skip), models={},
+                 comparisons={})
   import jax
   results["device"] = str(jax.devices()[0])
 
@@ -306,9 +323,9 @@ def main(argv=None) -> int:
     samples = [c for c in clips for _ in seeds]  # clip-major, as run_model
     recs = [clip_metrics(f, c["truth"], c["params"], c["positions"], args.colour_tol)
             for f, c in zip(frames, samples)]
-    curves = per_chunk(recs, args.chunks)
+    curves = per_chunk(recs, args.chunks, skip)
     results["models"][name] = dict(path=os.path.relpath(path, ROOT), steps=used, guidance=g, seconds_per_clip=sec,
-                                   per_chunk=curves, per_sample=per_sample(recs), **summarise(curves))
+                                   per_chunk=curves, per_sample=per_sample(recs, skip), **summarise(curves))
     print(f"{name} (steps {used}): pos err {results['models'][name]['pos_err_mean']:.2f} px "
           f"(chunk 1 {curves['pos_err'][0]:.2f} -> chunk {args.chunks} {curves['pos_err'][-1]:.2f}), "
           f"PSNR {results['models'][name]['psnr_mean']:.2f} dB, detect {results['models'][name]['detect_rate']:.3f}, "

@@ -501,6 +501,26 @@ def test_quality_baselines_bracket_a_model():
   assert rep["hit_rate_first"] > 0.15 and rnd["hit_rate"] < 0.1 and len(rnd["per_sample"]["hit_rate"]) == 3
 
 
+def test_quality_video_condition_scores_the_frames_after_the_given_ones():
+  """``--condition video``: each clip carries its first 33 frames as V2V input, truth and positions are the frames
+  after them, and the standing baseline repeats the last given frame (scored from the first generated frame)."""
+  dq = _demo_quality()
+  i2v = dq.held_out_clips(2, 2, SMALL)
+  v2v = dq.held_out_clips(2, 1, SMALL, lead=dq.WINDOW)
+  assert i2v[0]["given"] is None and np.array_equal(i2v[0]["start"], i2v[0]["truth"][0])
+  c, ref = v2v[0], i2v[0]
+  assert c["given"].shape[0] == dq.WINDOW and len(c["truth"]) == dq.WINDOW
+  np.testing.assert_array_equal(c["given"], ref["truth"][:dq.WINDOW])
+  np.testing.assert_array_equal(c["truth"], ref["truth"][dq.WINDOW:])
+  np.testing.assert_array_equal(c["positions"], ref["positions"][dq.WINDOW:])
+  np.testing.assert_array_equal(c["start"], ref["truth"][dq.WINDOW - 1])
+  rep = dq.baselines(v2v, 1, 0.25, skip_first_frame=False)["repeat_start"]
+  # the last given frame is one frame (1 px of motion) from the first scored one: close, then drifting away
+  rec = dq.clip_metrics(np.repeat(c["start"][None], dq.WINDOW, axis=0), c["truth"], c["params"], c["positions"], 0.25)
+  assert np.nanmean(rec["err"][0][c["params"]["active"].astype(bool)]) < 2.5
+  assert rep["per_chunk"]["hit_rate"][0] > 0.15
+
+
 def test_conditioning_variants_change_only_their_input():
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   import demo_conditioning
@@ -509,8 +529,15 @@ def test_conditioning_variants_change_only_their_input():
            dict(x0=(3, 2, 1, 4, 4), history=(3, 2, 19, 4, 4), target=(3, 2, 9, 4, 4), prompt_embeds=(3, 5, 6)).items()}
   changed = {name: {k for k in batch if not np.array_equal(demo_conditioning.variant_batch(batch, name)[k], batch[k])}
              for name in demo_conditioning.VARIANTS}
-  assert changed == dict(true=set(), no_history={"x0", "history"}, other_caption={"prompt_embeds"},
-                         zero_caption={"prompt_embeds"})
+  assert changed == dict(true=set(), no_history={"x0", "history"}, i2v_history={"history"},
+                         other_caption={"prompt_embeds"}, zero_caption={"prompt_embeds"})
+  i2v = np.asarray(demo_conditioning.variant_batch(batch, "i2v_history")["history"])
+  np.testing.assert_array_equal(i2v[:, :, -1], np.asarray(batch["history"])[:, :, -1])
+  assert not i2v[:, :, :-1].any()
+  # the same frames as training's I2V drop (anchor + newest buffer frame of the 20-frame stack)
+  from helios_jax.training import corruption
+  keep = np.asarray(corruption.drop_keep_mask(jnp.asarray(corruption.DROP_I2V), jnp.asarray(0)))
+  assert keep[0] == 1 and keep[-1] == 1 and keep[1:-1].sum() == 0
   swapped = np.asarray(demo_conditioning.variant_batch(batch, "other_caption")["prompt_embeds"])
   np.testing.assert_array_equal(swapped[1], np.asarray(batch["prompt_embeds"])[0])
   assert not np.asarray(demo_conditioning.variant_batch(batch, "no_history")["history"]).any()
