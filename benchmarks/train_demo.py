@@ -161,7 +161,8 @@ def _parse_sets(specs: list[str]) -> list[tuple[str, str, object]]:
 
 
 def _stage_config(name: str, variant: str):
-  """The config module's ConfigDict of stage ``name`` (before the run's own settings)."""
+  """The config module's ConfigDict of stage ``name`` (``variant`` "" or "tiny"), before the run's own settings:
+  the one place that maps a stage to its config (``run`` and ``--set``'s checks)."""
   import demo_ahd
   import demo_base
   import demo_mid
@@ -207,11 +208,6 @@ def _tar(path: str, members: dict[str, str]) -> None:
 
 def run(args) -> dict:
   import jax
-  import demo_ahd
-  import demo_base
-  import demo_mid
-  import demo_ode
-  import demo_vae
   from helios_jax.training import demo, vae_train
   quick = args.quick
   budgets = dict(QUICK_BUDGETS if quick else BUDGETS)
@@ -238,7 +234,7 @@ def run(args) -> dict:
   vae_folder = os.path.join(comp, "vae")
   if "vae" in stages:
     t0 = time.perf_counter()
-    cfg = demo_vae.get_config(variant)
+    cfg = _stage_config("vae", variant)
     cfg.max_seconds = budgets["vae"]
     cfg.image_max_seconds = budgets["vae_images"]
     _apply_sets(cfg, "vae", args.sets)
@@ -287,9 +283,9 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     vae = AutoencoderKLWan.from_pretrained(vae_folder)
     embed = demo.caption_embedder(os.path.join(comp, "text_encoder"), os.path.join(comp, "tokenizer"))
-    vcfg = demo_vae.get_config(variant)
+    vcfg = _stage_config("vae", variant)
     meta = demo.encode_dataset(data_dir, vae, embed, num_clips=args.clips or (8 if quick else 3072),
-                               num_chunks=demo_base.get_config(variant).data.num_chunks, seed=0,
+                               num_chunks=_stage_config("base", variant).data.num_chunks, seed=0,
                                scene_cfg=vae_train.scene_config(vcfg.data), batch=4 if quick else 16,
                                progress=True, posterior=args.posterior)
     log["stages"]["data"] = dict(seconds=time.perf_counter() - t0, meta=meta)
@@ -315,23 +311,21 @@ def run(args) -> dict:
       if not base:
         _log("mid needs a Base: add 'base' to --stages or --reuse an assembled Base folder; skipped")
         continue
-      cfg = demo_mid.get_config(variant)
+      cfg = _stage_config(name, variant)
       cfg.model.pretrained = base
     elif name in ("ode", "ahd"):
       if not mid or (name == "ahd" and "ode" not in trained):
         _log(f"{name} needs {'the ode stage and ' if name == 'ahd' else ''}a Mid transformer; skipped")
         continue
+      cfg = _stage_config(name, variant)
       if name == "ode":
-        cfg = demo_ode.get_config(variant)
         cfg.model.pretrained = mid
         cfg.ode.data_dir = os.path.join(work, "ode_pairs")
       else:
-        cfg = demo_ahd.get_config(variant)
         cfg.model.pretrained = trained["ode"]
         cfg.teacher.pretrained = mid
     else:
-      cfg = demo_base.get_config(",".join(v for v in (variant, "nocorrupt" if name == "base_nocorrupt" else "")
-                                          if v))
+      cfg = _stage_config(name, variant)
       cfg.model.pretrained = start  # "" = from scratch
     cfg.data.data_dir = data_dir
     _apply_sets(cfg, name, args.sets)
