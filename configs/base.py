@@ -38,8 +38,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 5e-5
-  c.optim.schedule = "constant"  # constant / constant_with_warmup
+  c.optim.schedule = "constant"  # constant / constant_with_warmup / warmup_stable_decay
   c.optim.warmup_steps = 500  # ignored by "constant", as in the reference
+  c.optim.decay_steps = 0  # warmup_stable_decay: linear to 0 over the last decay_steps of total_steps (0: all)
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8

@@ -319,3 +319,33 @@ def test_prepare_data_round_trip_with_corrupt_file(tmp_path):
   assert src[0]["latents"].shape == (2, 4, 9, 4, 6) and src[1]["prompt_embeds"][0, 0] == len("a blue cube")
   batch = data.get_batch(src, 0, 2, 0)
   assert batch["history"].shape == (2, 4, 19, 4, 6) and batch["target"].shape == (2, 4, 9, 4, 6)
+
+
+def test_learning_rate_schedules():
+  """Each schedule's rate at its corners, from the config keys (incl. the warm-up / decay clamps and bad values)."""
+  from helios_jax.errors import InputError
+  from helios_jax.training import state as state_lib
+  optim = base_config.get_config("").optim
+  optim.learning_rate = 1e-3
+  optim.warmup_steps = 10
+  lr = lambda sched, *steps: [float(sched(s)) for s in steps]  # noqa: E731
+  optim.schedule = "constant"
+  assert lr(state_lib.learning_rate_schedule(optim), 0, 5, 1000) == pytest.approx([1e-3] * 3)
+  optim.schedule = "constant_with_warmup"
+  assert lr(state_lib.learning_rate_schedule(optim), 0, 5, 10, 1000) == pytest.approx([0, 5e-4, 1e-3, 1e-3])
+  optim.schedule = "warmup_stable_decay"
+  optim.decay_steps = 40  # warm-up 0-10, stable 10-60, decay 60-100
+  got = lr(state_lib.learning_rate_schedule(optim, 100), 0, 5, 10, 59, 60, 80, 100, 120)
+  assert got == pytest.approx([0, 5e-4, 1e-3, 1e-3, 1e-3, 5e-4, 0, 0], abs=1e-9)
+  optim.decay_steps = 0  # decay over everything after the warm-up
+  got = lr(state_lib.learning_rate_schedule(optim, 110), 10, 60, 110)
+  assert got == pytest.approx([1e-3, 5e-4, 0], abs=1e-9)
+  optim.decay_steps = 500  # longer than the run: clamped to what follows the warm-up
+  assert lr(state_lib.learning_rate_schedule(optim, 110), 10, 60) == pytest.approx([1e-3, 5e-4])
+  optim.warmup_steps = 0
+  assert lr(state_lib.learning_rate_schedule(optim, 100), 0, 50) == pytest.approx([1e-3, 5e-4])
+  with pytest.raises(InputError, match="total_steps"):
+    state_lib.learning_rate_schedule(optim)
+  optim.schedule = "cosine"
+  with pytest.raises(InputError, match="warmup_stable_decay"):
+    state_lib.learning_rate_schedule(optim)

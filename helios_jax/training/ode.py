@@ -359,7 +359,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   frozen = layout.place(frozen)
   with jax.set_mesh(layout.mesh):
     pairs = ensure_pairs(config, graphdef, frozen, negative_embeds(config))
-  tx, schedule = state_lib.make_optimizer(config.optim)
+  tx, schedule = state_lib.make_optimizer(config.optim, int(config.total_steps))
 
   def init(f):
     st = state_lib.init_train_state(stages.init_trainable(f, config.train, int(config.seed)), tx, int(config.seed))

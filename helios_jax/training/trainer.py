@@ -51,7 +51,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   layout = TrainLayout.from_config(config)  # config.mesh; one device when absent
   graphdef, frozen = nnx.split(stages.build_model(config.model))
   frozen = layout.place(frozen)
-  tx, schedule = state_lib.make_optimizer(config.optim)
+  tx, schedule = state_lib.make_optimizer(config.optim, int(config.total_steps))
   seed = int(config.seed)
   state = layout.init(lambda f: state_lib.init_train_state(stages.init_trainable(f, config.train, seed), tx, seed),
                       frozen)
