@@ -19,7 +19,9 @@ Writes to OUT (at most 8 files, each well under 16 MiB, so the GPU tool returns 
   demo_quality.json, sheets/ with --quality: benchmarks/demo_quality.py on every model at hand
   train_log.json             losses and timings of every stage (one record per logged step) and the summary
 Each stage has its own budget (seconds); a stage that reaches it saves, stops and exports what it has (the
-record says so), so the command always finishes in time. Latents are encoded once, on the device.
+record says so), so the command always finishes in time. Latents are encoded once per --work folder and reused by
+later calls on the same folder; each transformer stage starts a fresh run there (an earlier call's run of that stage
+in --work is removed: its config may differ, e.g. another --continue folder or --set).
 
 ``--assemble`` turns those files into diffusers-layout pipeline folders: the default bundled model
 ``helios_jax/assets/demo/model`` (the Base, or the stage named by --default; ``--default none`` bundles nothing) and
@@ -343,6 +345,9 @@ def run(args) -> dict:
       budget = min(budget, left) if budget > 0 else left
     t0 = time.perf_counter()
     wd = os.path.join(work, f"{name}_continued" if start else name)  # not the run it continues
+    if os.path.isdir(wd):  # an earlier call's run: resuming it would fail (or skip training) on another config
+      _log(f"{name}: removing the earlier run in {wd}; this call starts a fresh one")
+      shutil.rmtree(wd)
     out = train_with_budget(cfg, wd, budget)
     merged = os.path.join(wd, "merged")
     trained[name] = merged

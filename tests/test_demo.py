@@ -342,6 +342,16 @@ def test_train_demo_quick_chain(tmp_path):
                  check=True, env=env)
   assert (out3 / "transformer_base.tar.gz").exists()
   assert (tmp_path / "work" / "base_continued" / "merged").is_dir()
+  # a second call on the same --work with another config: a fresh run (resuming the first one's would fail)
+  out4 = tmp_path / "out_base_again"
+  again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_demo.py"), "--out", str(out4),
+                          "--quick", "--work", str(tmp_path / "work"), "--stages", "base", "--continue", f"base={base}",
+                          "--clips", "4", "--set", "base:optim.schedule=warmup_stable_decay"],
+                         env=env, capture_output=True, text=True)
+  assert again.returncode == 0, again.stdout + again.stderr
+  assert "removing the earlier run" in again.stdout and (out4 / "transformer_base.tar.gz").exists()
+  saved = json.load(open(tmp_path / "work" / "base_continued" / "config.json"))
+  assert saved["optim"]["schedule"] == "warmup_stable_decay"
   bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_demo.py"), "--out", str(out3),
                         "--continue", "vae"], env=env, capture_output=True, text=True)
   assert bad.returncode == 2 and "the stage must be one of base, base_nocorrupt, mid" in bad.stderr
