@@ -19,6 +19,10 @@ averaged over ``--draws`` noise draws for four variants of the same batch (same 
 A model that continues motion has ``no_history`` clearly above ``true`` for chunks after the first (chunk 0 has
 no history in training: its anchor is zero). Equal losses mean the model ignores that input.
 
+The training noise levels (logit-normal) sit mostly in the middle, where the noisy chunk itself shows where the
+objects are; ``--sigmas 0.95,0.7,0.3`` also scores each variant at those fixed noise levels (``loss_by_sigma``):
+at a high level only the history and the caption can tell the model where the objects are.
+
 ``--posterior`` (``mean`` / ``sample``) picks the latents the clips are encoded to; by default the one the model
 was trained on (``latents_posterior`` in its ``model_index.json`` defaults; ``sample`` for folders without it, the
 first bundled model among them).
@@ -59,6 +63,14 @@ def variant_batch(batch: dict, name: str) -> dict:
   return b
 
 
+def fixed_sigma_u(sigma: float, n: int) -> np.ndarray:
+  """(n,) uniform draws that ``losses.stage1_sigma`` (no dynamic shift) maps to the noise level ``sigma``
+  (a multiple of 1e-3 in (0, 1]): ``s = 1 - floor(1000 u) / 1000``."""
+  if not 0.0 < sigma <= 1.0:
+    raise ValueError(f"a noise level must be in (0, 1], got {sigma}")
+  return np.full((n,), 1.0 - round(sigma, 3) + 5e-4, np.float32)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default=os.path.join(ROOT, "helios_jax", "assets", "demo", "model"),
@@ -69,8 +81,15 @@ def main(argv=None) -> int:
   p.add_argument("--scene-seed", type=int, default=2024, help="held-out scene stream (training used 0)")
   p.add_argument("--posterior", choices=("mean", "sample"),
                  help="encode the clips to the VAE posterior mean or a sample (default: as the model was trained)")
+  p.add_argument("--sigmas", default="", help="comma list of fixed noise levels in (0, 1] to score as well")
   p.add_argument("--out", help="write the JSON results here")
   args = p.parse_args(argv)
+  try:
+    sigmas = [float(v) for v in args.sigmas.split(",") if v.strip()]
+    for v in sigmas:
+      fixed_sigma_u(v, 1)
+  except ValueError as e:
+    p.error(f"--sigmas: {e}")
 
   import jax
   import jax.numpy as jnp
@@ -102,19 +121,26 @@ def main(argv=None) -> int:
       batch = {k: jnp.asarray(np.stack([s[k] for s in items])) for k in items[0]}
       batch["prompt_embeds"] = jnp.asarray(np.stack([source[i]["prompt_embeds"] for i in range(args.clips)]))
       indices = {k: jnp.asarray(v) for k, v in losses.history_indices(batch["target"].shape[2]).items()}
-      row = {}
-      for name in VARIANTS:
-        b = variant_batch(batch, name)
-        vals = []
-        for r in range(args.draws):
-          draws = losses.draw_stage1(jax.random.key(r), b, obj)
-          draws["drop_mode"] = jnp.asarray(corruption.DROP_NONE, jnp.int32)
-          draws["caption_drop"] = jnp.zeros_like(draws["caption_drop"])
-          pieces = losses.stage1_pieces(b, draws, obj)
-          vals.append(float(losses.loss_from_pieces(model.forward, pieces, indices)))
-        row[name] = float(np.mean(vals))
-      results["loss"][str(chunk)] = row
-      print(f"chunk {chunk}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
+      for sigma in [None] + sigmas:  # None: the training distribution of noise levels
+        row = {}
+        for name in VARIANTS:
+          b = variant_batch(batch, name)
+          vals = []
+          for r in range(args.draws):
+            draws = losses.draw_stage1(jax.random.key(r), b, obj)
+            draws["drop_mode"] = jnp.asarray(corruption.DROP_NONE, jnp.int32)
+            draws["caption_drop"] = jnp.zeros_like(draws["caption_drop"])
+            if sigma is not None:
+              draws["u"] = jnp.asarray(fixed_sigma_u(sigma, args.clips))
+            pieces = losses.stage1_pieces(b, draws, obj)
+            vals.append(float(losses.loss_from_pieces(model.forward, pieces, indices)))
+          row[name] = float(np.mean(vals))
+        if sigma is None:
+          results["loss"][str(chunk)] = row
+        else:
+          results.setdefault("loss_by_sigma", {}).setdefault(str(chunk), {})[f"{sigma:g}"] = row
+        at = "" if sigma is None else f" at sigma {sigma:g}"
+        print(f"chunk {chunk}{at}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
   return print_and_write(results, args.out)
 
 

@@ -555,6 +555,23 @@ def test_conditioning_variants_change_only_their_input():
     demo_conditioning.variant_batch(batch, "nothing")
 
 
+def test_conditioning_fixed_sigma_lands_on_the_asked_noise_level():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import demo_base
+  import demo_conditioning
+  from helios_jax.training import losses
+  obj = demo_base.get_config("").objective
+  for sigma in (1.0, 0.95, 0.7, 0.3, 0.001):
+    u = demo_conditioning.fixed_sigma_u(sigma, 3)
+    np.testing.assert_allclose(np.asarray(losses.stage1_sigma(jnp.asarray(u), (3, 16, 9, 8, 8), obj)), sigma,
+                               atol=1e-6)
+  for bad in (0.0, 1.5, -0.2):
+    with pytest.raises(ValueError):
+      demo_conditioning.fixed_sigma_u(bad, 1)
+  with pytest.raises(SystemExit):
+    demo_conditioning.main(["--sigmas", "0.5,2"])
+
+
 def test_pipeline_conditioning_uses_the_posterior_mean_when_asked():
   """``latents_posterior="mean"`` (demo folders: model_index helios_jax_defaults) encodes image conditioning
   without a posterior draw; the default draws, so two seeds differ."""
