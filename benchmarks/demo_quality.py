@@ -32,6 +32,10 @@ given) reports the paired per-sample difference A - B of the mean position error
 bootstrap interval over the samples: an interval that contains 0 means these clips and seeds do not separate the
 two models. A model's ``@G`` suffix sets its classifier-free guidance scale (default: its folder's default).
 
+``--score-video OUT.mp4`` scores one I2V video of the bundled start scene instead (what ``python sample.py --mode
+i2v`` writes from the bundled start image and prompt) against that scene's ground truth, per object and chunk,
+beside the start image left standing.
+
 Results: one JSON record per model with per-chunk curves, per-sample means and summaries, also appended to
 ``benchmarks/results/demo_quality.jsonl`` when ``--record`` is given.
 """
@@ -256,8 +260,42 @@ def held_out_clips(n: int, chunks: int, cfg: scenes.SceneConfig, seed: int = HEL
   return clips
 
 
+def score_bundled_video(path: str, tol: float = 0.25,
+                        prompts_path: str = os.path.join(ROOT, "helios_jax", "assets", "demo", "prompts.json")) -> dict:
+  """Per object and 33-frame chunk: position error (px) and on-target rate of an I2V video of the bundled start
+  scene (``prompts.json``: scene_seed, scene_index.i2v), and the same for the start image left standing. Frame 0
+  (the given image) is not scored."""
+  from helios_jax.io import media
+  with open(prompts_path, encoding="utf-8") as f:
+    meta = json.load(f)
+  frames = np.asarray(media.read_video(path), np.float32) / 255.0
+  if frames.ndim != 4 or frames.shape[0] < 2:
+    raise ValueError(f"{path}: need a video of at least 2 frames, got shape {frames.shape}")
+  cfg = scenes.SceneConfig(height=frames.shape[1], width=frames.shape[2])
+  params, caption = scenes.sample_scene(int(meta["scene_seed"]), int(meta["scene_index"]["i2v"]), cfg)
+  n = frames.shape[0]
+  truth = np.asarray(scenes.render(scenes.stack_params([params]), np.arange(n), cfg))[0]
+  positions = scenes.object_positions(params, np.arange(n), cfg)
+  out = dict(video=path, caption=caption, frames=n, objects={})
+  runs = dict(video=clip_metrics(frames, truth, params, positions, tol),
+              start_standing=clip_metrics(np.repeat(truth[:1], n, 0), truth, params, positions, tol))
+  starts = list(range(1, n, WINDOW))
+  for k in range(scenes.MAX_OBJECTS):
+    if not params["active"][k]:
+      continue
+    name = f"object {k} (rgb {', '.join(f'{c:.2f}' for c in params['colour'][k])})"
+    out["objects"][name] = {
+        which: dict(pos_err_per_chunk=[_nanmean(m["err"][a:a + WINDOW, k]) for a in starts],
+                    hit_rate_per_chunk=[float(m["hit"][a:a + WINDOW, k].mean()) for a in starts],
+                    detect_rate=float(m["found"][1:, k].mean()))
+        for which, m in runs.items()}
+  return out
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--score-video", metavar="MP4",
+                 help="score this I2V video of the bundled start scene (sample.py's default) and stop")
   p.add_argument("--model", action="append", default=[],
                  help="name=PATH[:steps][@guidance], repeatable (none: only the locator check and the baselines)")
   p.add_argument("--clips", type=int, default=8)
@@ -275,6 +313,22 @@ def main(argv=None) -> int:
   p.add_argument("--save-frames", help="folder: write each model's first clip as a contact-sheet PNG")
   p.add_argument("--record", action="store_true", help="append to benchmarks/results/demo_quality.jsonl")
   args = p.parse_args(argv)
+  if args.score_video:
+    if not os.path.isfile(args.score_video):
+      p.error(f"--score-video: no file {args.score_video}")
+    try:
+      scored = score_bundled_video(args.score_video, args.colour_tol)
+    except (ValueError, OSError) as e:
+      p.error(f"--score-video: {e}")
+    for name, rows in scored["objects"].items():
+      for which, r in rows.items():
+        print(f"{name}, {which}: pos err per chunk " + " / ".join(f"{v:.1f}" for v in r["pos_err_per_chunk"])
+              + " px, on target " + " / ".join(f"{v:.0%}" for v in r["hit_rate_per_chunk"])
+              + f", detected {r['detect_rate']:.0%}")
+    if args.out:
+      with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(scored, f, indent=1)
+    return 0
   if args.clips < 1 or args.chunks < 1 or args.seeds < 1:
     p.error("--clips, --chunks and --seeds must be at least 1")
   models = [parse_model(m) for m in args.model]

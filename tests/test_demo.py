@@ -479,6 +479,29 @@ def test_quality_paired_difference_and_its_interval():
   assert np.isnan(dq.paired_difference([1.0], [0.0])["mean"])
 
 
+def test_quality_scores_a_video_of_the_bundled_scene(tmp_path, capsys):
+  """--score-video: the bundled scene's true frames score ~0 px and on target; the standing start image does not."""
+  dq = _demo_quality()
+  from helios_jax.io import media
+  with open(os.path.join(ROOT, "helios_jax", "assets", "demo", "prompts.json"), encoding="utf-8") as f:
+    meta = json.load(f)
+  cfg = scenes.SceneConfig(height=128, width=128)
+  params, caption = scenes.sample_scene(int(meta["scene_seed"]), int(meta["scene_index"]["i2v"]), cfg)
+  assert caption == meta["i2v"]
+  truth = np.asarray(scenes.render(scenes.stack_params([params]), np.arange(40), cfg))[0]
+  path = media.write_video(str(tmp_path / "truth.mp4"), truth)
+  assert dq.main(["--score-video", path, "--out", str(tmp_path / "s.json")]) == 0
+  assert "start_standing" in capsys.readouterr().out
+  scored = json.load(open(tmp_path / "s.json"))
+  assert scored["frames"] == 40 and len(scored["objects"]) == int(np.sum(params["active"]))
+  for rows in scored["objects"].values():
+    assert len(rows["video"]["pos_err_per_chunk"]) == 2  # frames 1-33 and 34-39
+    assert max(rows["video"]["pos_err_per_chunk"]) < 1.5 and min(rows["video"]["hit_rate_per_chunk"]) == 1.0
+    assert rows["start_standing"]["pos_err_per_chunk"][1] > 5.0
+  with pytest.raises(SystemExit):
+    dq.main(["--score-video", str(tmp_path / "missing.mp4")])
+
+
 def test_quality_model_spec_and_bad_arguments(tmp_path):
   dq = _demo_quality()
   assert dq.parse_model("mid=some/dir:10,10,10@3") == ("mid", "some/dir", [10, 10, 10], 3.0)
