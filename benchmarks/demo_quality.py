@@ -209,10 +209,18 @@ def parse_model(spec: str) -> tuple[str, str, list[int] | None, float | None]:
   return name, rest, steps, guidance
 
 
-def run_model(path: str, steps, clips: list, chunks: int, seeds: list[int], guidance: float | None = None
-              ) -> tuple[list[np.ndarray], float, list[int], float]:
+def shifted_grid(steps: int, shift: float) -> np.ndarray:
+  """``HeliosPipeline``'s sigma grid (``linspace(0.999, 0, steps + 1)[:-1]``) under the linear time shift
+  ``shift * s / (1 + (shift - 1) * s)``: shift > 1 spends more of the steps at high noise."""
+  g = np.linspace(0.999, 0.0, steps + 1)[:-1]
+  return shift * g / (1.0 + (shift - 1.0) * g)
+
+
+def run_model(path: str, steps, clips: list, chunks: int, seeds: list[int], guidance: float | None = None,
+              sigma_shift: float = 1.0) -> tuple[list[np.ndarray], float, list[int], float]:
   """Generates the I2V continuation of every clip with every seed (clip-major): (frames per sample (F, H, W, 3),
-  median seconds per sample, steps, guidance)."""
+  median seconds per sample, steps, guidance). ``sigma_shift`` != 1: a shifted grid (:func:`shifted_grid`; one-stage
+  ``HeliosPipeline`` folders only)."""
   import jax.numpy as jnp
   from PIL import Image
   from helios_jax.io.checkpoint import load_json
@@ -237,6 +245,8 @@ def run_model(path: str, steps, clips: list, chunks: int, seeds: list[int], guid
                 is_amplify_first_chunk=bool(index.get("is_distilled", False)))
     else:
       kw.update(num_inference_steps=steps[0])
+      if sigma_shift != 1.0:
+        kw.update(sigmas=shifted_grid(steps[0], sigma_shift))
     t0 = time.perf_counter()
     frames = np.asarray(pipe(**kw).frames[0], np.float32)
     times.append(time.perf_counter() - t0)
@@ -309,6 +319,9 @@ def main(argv=None) -> int:
                  help="image: I2V from each clip's first frame (scored from frame 1); video: V2V from its first 33 "
                       "frames (scored from frame 33, all generated)")
   p.add_argument("--colour-tol", type=float, default=0.25, help="RGB distance for the colour locator")
+  p.add_argument("--sigma-shift", type=float, default=1.0,
+                 help="sample the one-stage (Base) models on a linearly shifted sigma grid (> 1: more steps at high "
+                      "noise; the scheduler's own shift does not reach HeliosPipeline's grid)")
   p.add_argument("--out", help="write the JSON results here")
   p.add_argument("--save-frames", help="folder: write each model's first clip as a contact-sheet PNG")
   p.add_argument("--record", action="store_true", help="append to benchmarks/results/demo_quality.jsonl")
@@ -342,11 +355,16 @@ def main(argv=None) -> int:
       p.error(f"--compare takes A:B with A and B among the models ({', '.join(names)}), got {', '.join(bad)}")
   else:
     pairs = [pr for pr in (("base", "base_nocorrupt"), ("distilled", "base")) if set(pr) <= set(names)]
+  if not args.sigma_shift > 0:
+    p.error(f"--sigma-shift must be > 0, got {args.sigma_shift}")
+  from helios_jax.io.checkpoint import load_json
   for _, path, _, _ in models:
     if not os.path.isfile(os.path.join(path, "model_index.json")):
       p.error(f"{path} is not a pipeline folder (no model_index.json)")
+    if args.sigma_shift != 1.0 and load_json(os.path.join(path, "model_index.json")).get(
+        "_class_name") == "HeliosPyramidPipeline":
+      p.error(f"--sigma-shift applies to one-stage (Base) folders only; {path} is a pyramid pipeline")
   seeds = [args.seed + i for i in range(args.seeds)]
-  from helios_jax.io.checkpoint import load_json
   defaults = (load_json(os.path.join(models[0][1], "model_index.json"), "model_index.json").get(
       "helios_jax_defaults") or {}) if models else {}
   cfg = scenes.SceneConfig(height=int(defaults.get("height", 128)), width=int(defaults.get("width", 128)))
@@ -358,6 +376,7 @@ def main(argv=None) -> int:
   results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  clips=args.clips, chunks=args.chunks, held_out_seed=HELD_OUT_SEED, sampling_seed=args.seed,
                  sampling_seeds=seeds, resolution=[cfg.height, cfg.width], condition=args.condition,
+                 sigma_shift=args.sigma_shift,
                  locator_check=dict(pos_err_mean=_nanmean(check_curves["pos_err"]),
                                     detect_rate=float(np.mean(check_curves["detect_rate"])),
                                     hit_rate=float(np.mean(check_curves["hit_rate"]))),
@@ -373,7 +392,7 @@ def main(argv=None) -> int:
 
   save()
   for name, path, steps, guidance in models:
-    frames, sec, used, g = run_model(path, steps, clips, args.chunks, seeds, guidance)
+    frames, sec, used, g = run_model(path, steps, clips, args.chunks, seeds, guidance, args.sigma_shift)
     samples = [c for c in clips for _ in seeds]  # clip-major, as run_model
     recs = [clip_metrics(f, c["truth"], c["params"], c["positions"], args.colour_tol)
             for f, c in zip(frames, samples)]

@@ -502,6 +502,23 @@ def test_quality_scores_a_video_of_the_bundled_scene(tmp_path, capsys):
     dq.main(["--score-video", str(tmp_path / "missing.mp4")])
 
 
+def test_quality_sigma_shift_grid_and_its_checks(tmp_path):
+  """--sigma-shift: shift 1 is HeliosPipeline's own grid, 3 moves 0.5 to 0.75; pyramid folders and shift <= 0 are
+  usage errors."""
+  dq = _demo_quality()
+  np.testing.assert_allclose(dq.shifted_grid(4, 1.0), np.linspace(0.999, 0.0, 5)[:-1])
+  g = dq.shifted_grid(30, 3.0)
+  assert g.shape == (30,) and np.all(np.diff(g) < 0) and g[0] <= 1.0 and g[-1] > 0
+  np.testing.assert_allclose(dq.shifted_grid(2, 3.0), [3 * 0.999 / (1 + 2 * 0.999), 3 * 0.4995 / (1 + 2 * 0.4995)])
+  np.testing.assert_allclose(3 * 0.5 / (1 + 2 * 0.5), 0.75)  # the shift map itself: 0.5 -> 0.75
+  pyramid = tmp_path / "pyr"
+  pyramid.mkdir()
+  (pyramid / "model_index.json").write_text(json.dumps({"_class_name": "HeliosPyramidPipeline"}))
+  for argv in (["--sigma-shift", "0"], ["--sigma-shift", "3", "--model", f"mid={pyramid}"]):
+    with pytest.raises(SystemExit):
+      dq.main(argv + ["--clips", "1", "--chunks", "1"])
+
+
 def test_quality_model_spec_and_bad_arguments(tmp_path):
   dq = _demo_quality()
   assert dq.parse_model("mid=some/dir:10,10,10@3") == ("mid", "some/dir", [10, 10, 10], 3.0)
