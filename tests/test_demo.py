@@ -82,8 +82,7 @@ def test_positions_bounce_like_a_step_simulation():
 
 
 def test_rendered_objects_sit_at_their_true_positions():
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  from demo_quality import locate
+  locate = _demo_quality().locate
   cfg = SMALL
   checked = 0
   for i in range(8):
@@ -361,8 +360,7 @@ def test_assemble_bundles_the_base_unless_told_otherwise(tmp_path, monkeypatch):
   """``train_demo.py --assemble``: the run's Base becomes the bundled model (``BUNDLED_STAGE``), the other stages go
   to ``runs``; ``--default none`` bundles nothing, and a run without a Base leaves the bundled model alone."""
   import tarfile
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import train_demo
+  train_demo = _benchmark("train_demo")
   model = os.path.join(ROOT, "helios_jax", "assets", "demo", "model")
   src = tmp_path / "out"
   src.mkdir()
@@ -400,8 +398,7 @@ def test_assemble_bundles_the_base_unless_told_otherwise(tmp_path, monkeypatch):
 def test_train_demo_set_overrides_one_stage_config_key():
   """``--set STAGE:KEY=VALUE``: parsed as a Python literal, checked against the stage's config before any run,
   applied to that stage only; malformed specs, unknown stages / keys and wrong types exit with a usage error."""
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import train_demo
+  train_demo = _benchmark("train_demo")
   sets = train_demo._parse_sets(["base:objective.random_drop_i2v=0.5", "mid:optim.learning_rate=1e-4",
                                  "ahd:seed=7"])
   assert sets == [("base", "objective.random_drop_i2v", 0.5), ("mid", "optim.learning_rate", 1e-4),
@@ -458,10 +455,16 @@ def test_psnr_parts_split_the_chunk_where_the_checks_look():
   assert parts == dict(mean=16.0, frame0=0.0, frames_1_16=8.5, frames_17_32=24.5)
 
 
+def _benchmark(name: str):
+  """A script of benchmarks/ as a module (the folder is not a package on the import path)."""
+  import importlib
+  if os.path.join(ROOT, "benchmarks") not in sys.path:
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  return importlib.import_module(name)
+
+
 def _demo_quality():
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import demo_quality
-  return demo_quality
+  return _benchmark("demo_quality")
 
 
 def test_quality_paired_difference_and_its_interval():
@@ -572,8 +575,7 @@ def test_quality_video_condition_scores_the_frames_after_the_given_ones():
 
 
 def test_conditioning_variants_change_only_their_input():
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import demo_conditioning
+  demo_conditioning = _benchmark("demo_conditioning")
   rng = np.random.default_rng(0)
   batch = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in
            dict(x0=(3, 2, 1, 4, 4), history=(3, 2, 19, 4, 4), target=(3, 2, 9, 4, 4), prompt_embeds=(3, 5, 6)).items()}
@@ -596,9 +598,8 @@ def test_conditioning_variants_change_only_their_input():
 
 
 def test_conditioning_fixed_sigma_lands_on_the_asked_noise_level():
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  demo_conditioning = _benchmark("demo_conditioning")  # puts configs/ (demo_base) on the path too
   import demo_base
-  import demo_conditioning
   from helios_jax.training import losses
   obj = demo_base.get_config("").objective
   for sigma in (1.0, 0.95, 0.7, 0.3, 0.001):
@@ -674,8 +675,7 @@ def test_vae_first_frame_weight_weighs_frame_zero():
 
 def test_demo_vae_check_reports_and_draws_the_start_scene(tmp_path):
   """benchmarks/demo_vae_check.py: the start-scene PSNR is the reconstruction's, and the sheet is truth over recon."""
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import demo_vae_check
+  demo_vae_check = _benchmark("demo_vae_check")
   from helios_jax.io import media
   from helios_jax.training import demo, scenes, vae_train
   from PIL import Image
@@ -795,8 +795,7 @@ def test_train_vae_runs_an_image_phase_then_the_video_phase(tmp_path):
 
 def test_demo_vae_object_ab_runs_and_scores_objects_apart(tmp_path):
   """benchmarks/demo_vae_object_ab.py on 2 steps: the three PSNRs are finite and the object score is its own."""
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import demo_vae_object_ab
+  demo_vae_object_ab = _benchmark("demo_vae_object_ab")
   demo_vae_object_ab.main(["--object-weight", "4", "--steps", "2", "--batch", "2", "--out", str(tmp_path / "r.json")])
   r = json.loads((tmp_path / "r.json").read_text())
   assert r["steps"] == 2 and r["object_weight"] == 4.0
