@@ -276,13 +276,11 @@ def score_bundled_video(path: str, tol: float = 0.25,
   scene (``prompts.json``: scene_seed, scene_index.i2v), and the same for the start image left standing. Frame 0
   (the given image) is not scored."""
   from helios_jax.io import media
-  with open(prompts_path, encoding="utf-8") as f:
-    meta = json.load(f)
   frames = np.asarray(media.read_video(path), np.float32) / 255.0
   if frames.ndim != 4 or frames.shape[0] < 2:
     raise ValueError(f"{path}: need a video of at least 2 frames, got shape {frames.shape}")
   cfg = scenes.SceneConfig(height=frames.shape[1], width=frames.shape[2])
-  params, caption = scenes.sample_scene(int(meta["scene_seed"]), int(meta["scene_index"]["i2v"]), cfg)
+  params, caption = demo.bundled_scene(prompts_path, "i2v", cfg)
   n = frames.shape[0]
   truth = np.asarray(scenes.render(scenes.stack_params([params]), np.arange(n), cfg))[0]
   positions = scenes.object_positions(params, np.arange(n), cfg)

@@ -11,7 +11,6 @@ saturated objects still scores above a flat frame. Look at the sheet.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -26,13 +25,10 @@ SHEET_FRAMES = (0, 8, 16, 24, 32)  # frames of the 33-frame chunk shown on the s
 
 
 def start_scene(prompts_path: str = os.path.join(DEMO, "prompts.json")):
-  """(params, caption) of the bundled I2V start scene (``prompts.json``: scene_seed, scene_index.i2v)."""
-  from helios_jax.training import scenes
-  with open(prompts_path, encoding="utf-8") as f:
-    meta = json.load(f)
-  params, captions = scenes.scene_batch(int(meta["scene_seed"]), [int(meta["scene_index"]["i2v"])],
-                                        scenes.SceneConfig())
-  return params, captions[0]
+  """(stacked params of one scene, caption) of the bundled I2V start scene (``prompts.json``)."""
+  from helios_jax.training import demo, scenes
+  params, caption = demo.bundled_scene(prompts_path, "i2v")
+  return scenes.stack_params([params]), caption
 
 
 def main(argv=None) -> int:

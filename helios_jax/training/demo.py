@@ -326,6 +326,15 @@ ASSET_SEED = 777  # held-out scene stream (training uses 0, the VAE 1000-1001, t
 ASSET_SCENES = dict(t2v=0, i2v=1, v2v=2)  # scene index of each mode's bundled prompt
 
 
+def bundled_scene(prompts_path: str, mode: str = "i2v", scene_cfg: scenes.SceneConfig = scenes.SceneConfig()
+                  ) -> tuple[dict, str]:
+  """(params, caption) of the scene behind a bundled input, from the ``prompts.json`` that
+  :func:`write_start_assets` wrote (its ``scene_seed`` and ``scene_index[mode]``)."""
+  with open(prompts_path, encoding="utf-8") as f:
+    meta = json.load(f)
+  return scenes.sample_scene(int(meta["scene_seed"]), int(meta["scene_index"][mode]), scene_cfg)
+
+
 def write_start_assets(folder: str, scene_cfg: scenes.SceneConfig = scenes.SceneConfig()) -> dict:
   """Writes ``prompts.json`` (one caption per mode), ``start.png`` (frame 0 of the i2v scene) and ``start.mp4``
   (the first 33 frames of the v2v scene) for ``sample.py``'s defaults; returns the prompts."""
