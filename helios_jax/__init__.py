@@ -54,6 +54,8 @@ _EXPORTS = {
     "HeliosDMDScheduler": "helios_jax.schedulers.dmd",
     "HeliosPipeline": "helios_jax.pipelines.plain",
     "HeliosPyramidPipeline": "helios_jax.pipelines.pyramid",
+    "PromptSchedule": "helios_jax.pipelines.prompts",
+    "HeliosStream": "helios_jax.pipelines.stream",
     "AutoencoderKLWan": "helios_jax.models.vae",
     "UMT5EncoderModel": "helios_jax.models.umt5",
     "HeliosError": "helios_jax.errors",

@@ -37,7 +37,8 @@ COMMON_CALL_ARGS = (
     "negative_prompt_embeds", "output_type", "max_sequence_length", "image", "image_latents", "fake_image_latents",
     "add_noise_to_image_latents", "image_noise_sigma_min", "image_noise_sigma_max", "video", "video_latents",
     "add_noise_to_video_latents", "video_noise_sigma_min", "video_noise_sigma_max", "history_sizes",
-    "num_latent_frames_per_chunk", "keep_first_frame", "is_skip_first_chunk", "seed", "noise_source", "progress")
+    "num_latent_frames_per_chunk", "keep_first_frame", "is_skip_first_chunk", "seed", "noise_source", "progress",
+    "prompt_schedule", "interpolation_steps")
 
 
 @dataclasses.dataclass
@@ -67,6 +68,39 @@ def _to_array(name: str, value, ndim: int | None = None) -> jax.Array:
 def _roll_in(buffer: jax.Array, new: jax.Array) -> jax.Array:
   """(B, C, F, h, w) buffer with ``new`` (B, C, n, h, w) appended and the oldest frames dropped (shape kept)."""
   return jnp.concatenate([buffer, new.astype(buffer.dtype)], axis=2)[:, :, new.shape[2]:]
+
+
+@jax.jit
+def _to_unit(decoded: jax.Array) -> jax.Array:
+  """VAE output in [-1, 1] -> [0, 1] (the one conversion the batch and the streamed frames share)."""
+  return jnp.clip(decoded * 0.5 + 0.5, 0.0, 1.0)
+
+
+@dataclasses.dataclass
+class _ChunkRun:
+  """Everything the chunk loop needs once the inputs are prepared; ``history`` and ``image_latents`` change as
+  chunks are made. ``num_chunks``/``total_frames`` are None for an endless stream."""
+
+  layout: HistoryLayout
+  history: jax.Array
+  produced: list
+  image_latents: jax.Array | None
+  latent_shape: tuple
+  num_chunks: int | None
+  total_frames: int | None
+  window: int
+  negative_prompt_embeds: jax.Array | None
+  prompts: Any
+  guidance_scale: float
+  do_cfg: bool
+  noise_source: Any
+  is_skip_first_chunk: bool
+  output_type: str
+  chunk_fn: Callable
+  steps_per_chunk: Callable[[int], int]
+  timings: dict
+  height: int
+  width: int
 
 
 class HeliosPipelineBase:
@@ -240,18 +274,86 @@ class HeliosPipelineBase:
   # ------------------------------------------------------------------------------------------------------------------
   # The chunk loop
 
-  def _generate(self, *, prompt, negative_prompt, height, width, num_frames, guidance_scale, prompt_embeds,
-                negative_prompt_embeds, output_type, max_sequence_length, image, image_latents, fake_image_latents,
-                add_noise_to_image_latents, image_noise_sigma_min, image_noise_sigma_max, video, video_latents,
-                add_noise_to_video_latents, video_noise_sigma_min, video_noise_sigma_max, history_sizes,
-                num_latent_frames_per_chunk, keep_first_frame, is_skip_first_chunk, seed, noise_source,
-                progress, num_stages, chunk_fn: Callable, steps_per_chunk: Callable[[int], int]):
+  def _generate(self, *, num_stages: int, chunk_fn: Callable, steps_per_chunk: Callable[[int], int],
+                stream: dict | None = None, **call):
+    """The call both pipelines share: prepares the run, then either consumes every chunk (the batch output) or,
+    with ``stream`` (the options of :meth:`stream`), returns a :class:`~helios_jax.pipelines.stream.HeliosStream`
+    over the same chunk generator."""
     t_start = time.perf_counter()
+    run = self._prepare_run(num_stages=num_stages, chunk_fn=chunk_fn, steps_per_chunk=steps_per_chunk,
+                            streaming=stream is not None, **call)
+    if stream is not None:
+      from helios_jax.pipelines.stream import HeliosStream
+      return HeliosStream(self, run, **stream)
+    timings = run.timings
+    bar = None
+    if call["progress"]:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=run.num_chunks, desc="chunks", unit="chunk", disable=None)
+    frames = []
+    t_chunk = time.perf_counter()
+    for k, x, _ in self._chunk_latents(run):
+      if run.output_type == "latent":
+        run.produced.append(x)
+      else:
+        # Dispatch the decode now: XLA runs it while the host prepares (and the GPU runs) the next chunk.
+        frames.append(self._decode_unit(x))
+      if bar is not None:
+        jax.block_until_ready(x)
+        bar.set_postfix(fps=f"{run.window / (time.perf_counter() - t_chunk):.2f}", steps=steps_per_chunk(k))
+        bar.update()
+      timings["chunks"].append(time.perf_counter() - t_chunk)
+      t_chunk = time.perf_counter()
+    if bar is not None:
+      bar.close()
+    if run.output_type == "latent":
+      out = jnp.concatenate(run.produced, axis=2)
+    else:
+      t0 = time.perf_counter()
+      video_out = jnp.concatenate(frames, axis=2)[:, :, :run.total_frames]  # (B, 3, F, H, W) in [0, 1]
+      out = jnp.transpose(video_out, (0, 2, 3, 4, 1))
+      out = np.asarray(out, np.float32) if run.output_type == "np" else out
+      timings["decode"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    return HeliosPipelineOutput(frames=out, timings=timings)
+
+  def stream(self, prompt: str | None = None, *, num_frames: int | None = None, prefetch: int = 1,
+             progress: bool = False, **kwargs):
+    """Chunk-by-chunk generation: a :class:`~helios_jax.pipelines.stream.HeliosStream` that yields each chunk's
+    decoded frames (uint8 (T, H, W, 3)) as soon as they reach the host, and takes prompt changes between chunks
+    (:meth:`HeliosStream.set_prompt`). Keyword arguments are those of ``__call__`` (one prompt, batch 1), with
+    ``num_frames=None`` for an endless stream (until ``stop()``; with a ``prompt_schedule``: the schedule's
+    length) and ``prefetch`` chunks dispatched ahead of the one returned, so the VAE decode and host transfer of
+    chunk k overlap the transformer's work on chunk k + 1. Same seed and inputs give the batch call's frames."""
+    if not isinstance(prefetch, (int, np.integer)) or isinstance(prefetch, bool) or prefetch < 0:
+      raise InputError(f"prefetch must be a non-negative integer, got {prefetch!r}")
+    return self(prompt=prompt, num_frames=num_frames, progress=progress, _stream={"prefetch": int(prefetch)},
+                **kwargs)
+
+  def _prepare_run(self, *, prompt, negative_prompt, height, width, num_frames, guidance_scale, prompt_embeds,
+                   negative_prompt_embeds, output_type, max_sequence_length, image, image_latents,
+                   fake_image_latents, add_noise_to_image_latents, image_noise_sigma_min, image_noise_sigma_max, video,
+                   video_latents, add_noise_to_video_latents, video_noise_sigma_min, video_noise_sigma_max,
+                   history_sizes, num_latent_frames_per_chunk, keep_first_frame, is_skip_first_chunk, seed,
+                   noise_source, progress, prompt_schedule, interpolation_steps, num_stages, chunk_fn,
+                   steps_per_chunk, streaming: bool) -> "_ChunkRun":
+    """Checks the inputs, encodes prompts / image / video (in the reference's draw order) and fills the history
+    buffer: everything before the first chunk."""
+    from helios_jax.pipelines.prompts import PromptController, PromptSchedule
     timings: dict = {"chunks": []}
     if output_type not in ("np", "jax", "latent"):
       raise InputError(f"output_type must be 'np', 'jax' or 'latent', got {output_type!r}")
-    if not isinstance(num_frames, (int, np.integer)) or num_frames <= 0:
+    if streaming and output_type == "latent":
+      raise InputError("a stream yields decoded frames; use the batch call for output_type='latent'")
+    if prompt_schedule is not None and not isinstance(prompt_schedule, PromptSchedule):
+      raise InputError(f"prompt_schedule must be a PromptSchedule, got {type(prompt_schedule).__name__}")
+    if num_frames is None and prompt_schedule is None and not streaming:
+      raise InputError("num_frames is needed (only a stream or a prompt schedule may leave it out)")
+    if num_frames is not None and (not isinstance(num_frames, (int, np.integer)) or isinstance(num_frames, bool)
+                                   or num_frames <= 0):
       raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
+    if not isinstance(interpolation_steps, (int, np.integer)) or interpolation_steps < 0:
+      raise InputError(f"interpolation_steps must be a non-negative integer, got {interpolation_steps!r}")
     self._check_size(height, width, num_stages)
     if (image is not None or fake_image_latents is not None) and (video is not None or video_latents is not None):
       # (image_latents with video_latents is V2V's first-frame latent; a fake image latent is I2V-only.)
@@ -264,15 +366,36 @@ class HeliosPipelineBase:
     do_cfg = guidance_scale > 1.0
     noise_source = noise_source if noise_source is not None else JaxNoiseSource(seed)
     t0 = time.perf_counter()
+    schedule_embeds = None
+    if prompt_schedule is not None:
+      if prompt is not None or prompt_embeds is not None:
+        raise InputError("pass prompt_schedule or prompt / prompt_embeds, not both")
+      if prompt_schedule.uses_text:
+        schedule_embeds = list(self._prepare_embeds(list(prompt_schedule.prompts), None, None, None, False,
+                                                    max_sequence_length)[0][:, None])
+      else:
+        schedule_embeds = [self._prepare_embeds(None, None, e if np.ndim(e) == 3 else np.asarray(e)[None], None,
+                                                False, max_sequence_length)[0] for e in prompt_schedule.prompts]
+        if len({tuple(e.shape) for e in schedule_embeds}) > 1 or schedule_embeds[0].shape[0] != 1:
+          raise InputError("the schedule's prompt embeddings must all have the same shape (1, L, D)")
+      prompt_embeds = schedule_embeds[0]
     pe, ne = self._prepare_embeds(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg,
                                   max_sequence_length)
     timings["text"] = time.perf_counter() - t0
     batch = pe.shape[0]
+    if streaming and batch != 1:
+      raise InputError(f"a stream makes one video: pass one prompt (got a batch of {batch})")
+    encode = None
+    if self.text_encoder is not None and self.tokenizer is not None:
+      def encode(text: str) -> jax.Array:
+        return self._prepare_embeds(text, None, None, None, False, max_sequence_length)[0]
+    prompts = PromptController(pe, encode, schedule_embeds=schedule_embeds, schedule=prompt_schedule,
+                               interpolation_steps=interpolation_steps,
+                               text=prompt if isinstance(prompt, str) else None)
     cfg = self.transformer.config
     channels = cfg.in_channels
     h, w = height // self.vae_scale_spatial, width // self.vae_scale_spatial
     layout = HistoryLayout.make(history_sizes, num_latent_frames_per_chunk, keep_first_frame)
-    latent_shape = (batch, channels, 1, h, w)
 
     def check_latent(name, arr, frames=None):
       arr = _to_array(name, arr, 5).astype(jnp.float32)
@@ -327,7 +450,17 @@ class HeliosPipelineBase:
         video_latents = jnp.concatenate(windows, axis=2)
 
     window = (layout.chunk - 1) * self.vae_scale_temporal + 1
-    num_chunks = max(1, math.ceil(num_frames / window))
+    if num_frames is not None:
+      num_chunks = max(1, math.ceil(num_frames / window))
+    else:
+      num_chunks = prompt_schedule.total_chunks if prompt_schedule is not None else None
+    if prompt_schedule is not None and num_chunks is not None and num_chunks < prompt_schedule.total_chunks:
+      logger.warning("num_frames=%s covers %d chunks, the prompt schedule %d: its later prompts are not reached",
+                     num_frames, num_chunks, prompt_schedule.total_chunks)
+    # Decoded frames kept: whole chunks, trimmed to 4k + 1 (the reference's trim of the concatenated decode).
+    total_frames = None
+    if num_chunks is not None:
+      total_frames = (num_chunks * window - 1) // self.vae_scale_temporal * self.vae_scale_temporal + 1
     # The history is a fixed-size rolling buffer of the last ``buffer_frames`` latents (constant shapes: no
     # per-chunk recompilation and constant memory however long the video); ``produced`` keeps what the
     # ``latent`` output returns (the conditioning latents, then every chunk).
@@ -339,52 +472,37 @@ class HeliosPipelineBase:
     if video_latents is not None:
       history = _roll_in(history, video_latents)
       produced.append(video_latents)
-    indices = {k: jnp.asarray(a) for k, a in layout.indices().items()}
+    return _ChunkRun(layout=layout, history=history, produced=produced, image_latents=image_latents,
+                     latent_shape=(batch, channels, 1, h, w), num_chunks=num_chunks, total_frames=total_frames,
+                     window=window, negative_prompt_embeds=ne, prompts=prompts, guidance_scale=float(guidance_scale),
+                     do_cfg=do_cfg, noise_source=noise_source, is_skip_first_chunk=bool(is_skip_first_chunk),
+                     output_type=output_type, chunk_fn=chunk_fn, steps_per_chunk=steps_per_chunk, timings=timings,
+                     height=int(height), width=int(width))
 
-    bar = None
-    if progress:
-      from tqdm.auto import tqdm
-      bar = tqdm(total=num_chunks, desc="chunks", unit="chunk", disable=None)
-    frames = []
-    decoded = None
-    for k in range(num_chunks):
-      t_chunk = time.perf_counter()
+  def _chunk_latents(self, run: "_ChunkRun"):
+    """The chunk loop: yields (k, latents (B, C, 9, h, w) float32, prompt info) for k = 0, 1, ... (endless when
+    ``run.num_chunks`` is None), each chunk dispatched (not waited for) and rolled into the history."""
+    layout = run.layout
+    indices = {k: jnp.asarray(a) for k, a in layout.indices().items()}
+    b, c, _, h, w = run.latent_shape
+    k = 0
+    while run.num_chunks is None or k < run.num_chunks:
       prefix = None
       if layout.keep_first_frame:
-        prefix = jnp.zeros(latent_shape, jnp.float32) if image_latents is None and k == 0 else image_latents
-      hist = layout.split(history, prefix)
-      x = draw(noise_source, "normal", (batch, channels, layout.chunk, h, w))
-      x = chunk_fn(k=k, x=x, history=hist, indices=indices, prompt_embeds=pe, negative_prompt_embeds=ne,
-                   guidance_scale=float(guidance_scale), noise_source=noise_source, do_cfg=do_cfg)
-      if layout.keep_first_frame and ((k == 0 and image_latents is None) or (is_skip_first_chunk and k == 1)):
-        image_latents = x[:, :, 0:1].astype(jnp.float32)
+        prefix = jnp.zeros(run.latent_shape, jnp.float32) if run.image_latents is None and k == 0 \
+            else run.image_latents
+      hist = layout.split(run.history, prefix)
+      pe, info = run.prompts.for_chunk(k)
+      x = draw(run.noise_source, "normal", (b, c, layout.chunk, h, w))
+      x = run.chunk_fn(k=k, x=x, history=hist, indices=indices, prompt_embeds=pe,
+                       negative_prompt_embeds=run.negative_prompt_embeds, guidance_scale=run.guidance_scale,
+                       noise_source=run.noise_source, do_cfg=run.do_cfg)
+      if layout.keep_first_frame and ((k == 0 and run.image_latents is None) or (run.is_skip_first_chunk and k == 1)):
+        run.image_latents = x[:, :, 0:1].astype(jnp.float32)
       x = x.astype(jnp.float32)
-      history = _roll_in(history, x)
-      if output_type == "latent":
-        produced.append(x)
-      else:
-        # Dispatch the decode now: XLA runs it while the host prepares (and the GPU runs) the next chunk.
-        frames.append(self._decode_chunk(x))
-      if bar is not None:
-        jax.block_until_ready(x)
-        dt = time.perf_counter() - t_chunk
-        bar.set_postfix(fps=f"{window / dt:.2f}", steps=steps_per_chunk(k))
-        bar.update()
-      timings["chunks"].append(time.perf_counter() - t_chunk)
-    if bar is not None:
-      bar.close()
-    if output_type == "latent":
-      out = jnp.concatenate(produced, axis=2)
-    else:
-      t0 = time.perf_counter()
-      decoded = jnp.concatenate(frames, axis=2)  # (B, 3, F, H, W) in [-1, 1]
-      keep = (decoded.shape[2] - 1) // self.vae_scale_temporal * self.vae_scale_temporal + 1
-      video_out = jnp.clip(decoded[:, :, :keep] * 0.5 + 0.5, 0.0, 1.0)
-      out = jnp.transpose(video_out, (0, 2, 3, 4, 1))
-      out = np.asarray(out, np.float32) if output_type == "np" else out
-      timings["decode"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
-    return HeliosPipelineOutput(frames=out, timings=timings)
+      run.history = _roll_in(run.history, x)
+      yield k, x, info
+      k += 1
 
   # VAE-backed pieces (need a VAE; see helios_jax.models.vae)
 
@@ -399,6 +517,11 @@ class HeliosPipelineBase:
     mean, inv_std = self._latents_mean_invstd()
     z = latents.astype(jnp.float32) / inv_std + mean
     return jnp.clip(self.vae.decode(z).sample, -1.0, 1.0)
+
+  def _decode_unit(self, latents: jax.Array) -> jax.Array:
+    """Normalised chunk latents (B, C, T, h, w) -> frames (B, 3, 1 + 4(T-1), H, W) float32 in [0, 1] (what the
+    batch output holds; a stream rounds the same values to uint8)."""
+    return _to_unit(self._decode_chunk(latents))
 
   def _encode_latents(self, pixels, noise_source) -> jax.Array:
     """(B, 3, F, H, W) pixels -> normalised (B, z, f, h, w) float32 latents: one encode with a fresh causal cache,

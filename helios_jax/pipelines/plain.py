@@ -16,6 +16,7 @@ from helios_jax.errors import InputError
 from helios_jax.pipelines.base import (COMMON_CALL_ARGS, IMAGE_NOISE_SIGMA, VIDEO_NOISE_SIGMA,
                                        HeliosPipelineBase)
 from helios_jax.pipelines.denoise import StageSpec, run_stage
+from helios_jax.pipelines.prompts import OFFICIAL_INTERPOLATION_STEPS, PromptSchedule
 from helios_jax.pipelines.noise import NoiseSource
 
 
@@ -25,7 +26,7 @@ class HeliosPipeline(HeliosPipelineBase):
   _class_names = ("HeliosPipeline",)
 
   def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
-               height: int = 384, width: int = 640, num_frames: int = 132, num_inference_steps: int = 50,
+               height: int = 384, width: int = 640, num_frames: int | None = 132, num_inference_steps: int = 50,
                sigmas: Sequence[float] | None = None, guidance_scale: float = 5.0, prompt_embeds=None,
                negative_prompt_embeds=None, output_type: str = "np", max_sequence_length: int = 512, image=None,
                image_latents=None, fake_image_latents=None, add_noise_to_image_latents: bool = True,
@@ -35,7 +36,8 @@ class HeliosPipeline(HeliosPipelineBase):
                history_sizes: Sequence[int] = (16, 2, 1), num_latent_frames_per_chunk: int = 9,
                keep_first_frame: bool = True, is_skip_first_chunk: bool = False, use_zero_init: bool = True,
                zero_steps: int = 1, seed: int = 0, noise_source: NoiseSource | None = None, progress: bool = True,
-               return_dict: bool = True):
+               prompt_schedule: PromptSchedule | None = None, interpolation_steps: int = OFFICIAL_INTERPOLATION_STEPS,
+               return_dict: bool = True, _stream: dict | None = None):
     """Generates ``num_frames`` frames; arguments as :class:`HeliosPyramidPipeline` minus the pyramid ones."""
     common = {k: v for k, v in locals().items() if k in COMMON_CALL_ARGS}
     if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
@@ -59,5 +61,8 @@ class HeliosPipeline(HeliosPipelineBase):
       return run_stage(graphdef, params, spec, x, tables.to_jax(), history, indices, prompt_embeds,
                        negative_prompt_embeds, jnp.float32(guidance_scale))
 
-    out = self._generate(**common, num_stages=1, chunk_fn=chunk_fn, steps_per_chunk=lambda k: num_inference_steps)
+    out = self._generate(**common, num_stages=1, chunk_fn=chunk_fn, steps_per_chunk=lambda k: num_inference_steps,
+                         stream=_stream)
+    if _stream is not None:
+      return out
     return out if return_dict else (out.frames,)

@@ -17,6 +17,7 @@ from helios_jax.errors import InputError
 from helios_jax.pipelines.base import (COMMON_CALL_ARGS, IMAGE_NOISE_SIGMA, VIDEO_NOISE_SIGMA,
                                        HeliosPipelineBase)
 from helios_jax.pipelines.denoise import StageSpec, run_stage
+from helios_jax.pipelines.prompts import OFFICIAL_INTERPOLATION_STEPS, PromptSchedule
 from helios_jax.pipelines.history import block_noise_cholesky, downsample_2x
 from helios_jax.pipelines.noise import NoiseSource, draw
 
@@ -27,7 +28,7 @@ class HeliosPyramidPipeline(HeliosPipelineBase):
   _class_names = ("HeliosPyramidPipeline", "HeliosPipeline")
 
   def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
-               height: int = 384, width: int = 640, num_frames: int = 132, guidance_scale: float = 5.0,
+               height: int = 384, width: int = 640, num_frames: int | None = 132, guidance_scale: float = 5.0,
                prompt_embeds=None, negative_prompt_embeds=None, output_type: str = "np",
                max_sequence_length: int = 512, image=None, image_latents=None, fake_image_latents=None,
                add_noise_to_image_latents: bool = True, image_noise_sigma_min: float = IMAGE_NOISE_SIGMA[0],
@@ -38,7 +39,8 @@ class HeliosPyramidPipeline(HeliosPipelineBase):
                is_skip_first_chunk: bool = False, pyramid_num_inference_steps_list: Sequence[int] = (10, 10, 10),
                use_zero_init: bool = True, zero_steps: int = 1, is_amplify_first_chunk: bool = False,
                seed: int = 0, noise_source: NoiseSource | None = None, progress: bool = True,
-               return_dict: bool = True):
+               prompt_schedule: PromptSchedule | None = None, interpolation_steps: int = OFFICIAL_INTERPOLATION_STEPS,
+               return_dict: bool = True, _stream: dict | None = None):
     """Generates ``num_frames`` frames (rounded up to whole 33-frame chunks, then trimmed to 4k+1).
 
     Mode follows the inputs: T2V (no image/video), I2V (``image`` or ``image_latents`` + ``fake_image_latents``),
@@ -85,5 +87,7 @@ class HeliosPyramidPipeline(HeliosPipelineBase):
 
     amplified = lambda k: is_amplify_first_chunk and self.is_distilled and k == 0
     out = self._generate(**common, num_stages=num_stages, chunk_fn=chunk_fn,
-                         steps_per_chunk=lambda k: sum(steps) * (2 if amplified(k) else 1))
+                         steps_per_chunk=lambda k: sum(steps) * (2 if amplified(k) else 1), stream=_stream)
+    if _stream is not None:
+      return out
     return out if return_dict else (out.frames,)
