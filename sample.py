@@ -27,14 +27,15 @@ import sys
 import time
 
 from helios_jax.errors import CheckpointError, HeliosError, InputError
+from helios_jax.io.model_folder import DEFAULT_HEIGHT, DEFAULT_WIDTH, DEMO_DIR, ModelPlan, bundled_demo, \
+    inspect_model_folder, load_pipeline
 
 REAL_WEIGHTS = (
     "download the real weights in diffusers format from Hugging Face (BestWishYsh/Helios-Distilled for fast "
     "3-step sampling, BestWishYsh/Helios-Mid or BestWishYsh/Helios-Base), e.g. `huggingface-cli download "
     "BestWishYsh/Helios-Distilled --local-dir Helios-Distilled`, then pass --model Helios-Distilled")
 DEMO_MISSING = "no --model given, and the bundled demo model is missing from this installation: " + REAL_WEIGHTS
-DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helios_jax", "assets", "demo")
-DEFAULT_HEIGHT, DEFAULT_WIDTH, DEFAULT_SEED = 384, 640, 42
+DEFAULT_SEED = 42
 MAX_SEQUENCE_LENGTH = 512
 
 
@@ -147,14 +148,6 @@ def _check_arguments(args) -> None:
     raise UsageError("pass --negative-prompt or --negative-prompt-embeds, not both")
   if args.negative_prompt_embeds and not args.prompt_embeds:
     raise UsageError("--negative-prompt-embeds goes with --prompt-embeds; with --prompt use --negative-prompt")
-  if args.num_frames is not None and args.num_frames <= 0:
-    raise UsageError(f"--num-frames must be positive, got {args.num_frames}")
-  if (args.height is not None and args.height <= 0) or (args.width is not None and args.width <= 0):
-    raise UsageError(f"--height and --width must be positive, got {args.height}x{args.width}")
-  if args.steps is not None and min(args.steps) < 1:
-    raise UsageError(f"--steps must be positive, got {' '.join(map(str, args.steps))}")
-  if args.guidance is not None and args.guidance < 0:
-    raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
   if not args.out.lower().endswith(".mp4"):
     raise UsageError(f"--out must name an .mp4 file, got {args.out}")
   if args.unstack_layers and args.mesh:
@@ -163,102 +156,44 @@ def _check_arguments(args) -> None:
     raise UsageError(f"--contact-sheet must name a .png file, got {args.contact_sheet}")
 
 
+# How the library's messages name the settings on this command line.
+OPTION_NAMES = {"height": "--height", "width": "--width", "steps": "--steps", "guidance": "--guidance",
+                "num_frames": "--num-frames", "dtype": "--dtype", "prompt": "--prompt",
+                "prompt_embeds": "--prompt-embeds PATH.npy"}
+
+
 def _use_demo(args) -> None:
   """No --model: the bundled demo model, and its bundled prompt / start image / start video where not given."""
-  import json
-  model = os.path.join(DEMO_DIR, "model")
-  if not os.path.isfile(os.path.join(model, "model_index.json")):
-    raise UsageError(DEMO_MISSING)
-  args.model = model
-  with open(os.path.join(DEMO_DIR, "prompts.json"), encoding="utf-8") as f:
-    prompts = json.load(f)
+  try:
+    demo = bundled_demo(DEMO_DIR)
+  except CheckpointError:
+    raise UsageError(DEMO_MISSING) from None
+  args.model = demo.model
   if args.prompt is None and not args.prompt_embeds:
-    args.prompt = prompts[args.mode]
+    args.prompt = demo.prompts[args.mode]
   if args.mode == "i2v" and not args.image and not args.video:
-    args.image = os.path.join(DEMO_DIR, "start.png")
+    args.image = demo.image
   if args.mode == "v2v" and not args.video and not args.image:
-    args.video = os.path.join(DEMO_DIR, "start.mp4")
+    args.video = demo.video
   if args.contact_sheet is None:
     args.contact_sheet = os.path.splitext(args.out)[0] + ".png"
   show = lambda p: os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p
-  print(f"no --model given: using the bundled demo model ({show(model)}), a small Helios trained on "
-        f"procedural scenes of moving shapes (model card: {show(os.path.join(DEMO_DIR, 'README.md'))}). "
+  print(f"no --model given: using the bundled demo model ({show(demo.model)}), a small Helios trained on "
+        f"procedural scenes of moving shapes (model card: {show(demo.model_card)}). "
         f"For real videos, {REAL_WEIGHTS}.", flush=True)
   print(f"prompt: {args.prompt!r}" + (f", start image {show(args.image)}" if args.image else "")
         + (f", start video {show(args.video)}" if args.video else ""), flush=True)
 
 
-def _component(model: str, name: str, config: str) -> str:
-  folder = os.path.join(model, name)
-  if not os.path.isdir(folder):
-    raise CheckpointError(f"{model} has no {name}/ folder")
-  if not os.path.isfile(os.path.join(folder, config)):
-    raise CheckpointError(f"{folder} has no {config}")
-  return folder
-
-
-def _inspect_model(args) -> dict:
-  """Reads the model folder's configs (no weights) and resolves the defaults; returns a plan dict."""
-  from helios_jax.io.checkpoint import load_json
-  model = args.model
-  if not os.path.isdir(model):
-    raise CheckpointError(f"model folder not found: {model}")
-  index = load_json(os.path.join(model, "model_index.json"), "model_index.json")
-  sched = load_json(os.path.join(_component(model, "scheduler", "scheduler_config.json"), "scheduler_config.json"),
-                    "scheduler config")
-  tcfg = load_json(os.path.join(_component(model, "transformer", "config.json"), "config.json"),
-                   "transformer config")
-  vcfg = load_json(os.path.join(_component(model, "vae", "config.json"), "config.json"), "VAE config")
-  needs_text = args.prompt is not None
-  if needs_text:
-    for name in ("text_encoder", "tokenizer"):
-      if not os.path.isdir(os.path.join(model, name)):
-        raise CheckpointError(f"{model} has no {name}/ folder to encode --prompt (pass --prompt-embeds PATH.npy "
-                              "instead)")
-    _component(model, "text_encoder", "config.json")
-  stages = int(sched.get("stages", 1))
-  class_name = index.get("_class_name", "")
-  folder_defaults = index.get("helios_jax_defaults") or {}  # recommended settings written by the folder's trainer
-  pyramid = class_name == "HeliosPyramidPipeline" or stages > 1
-  distilled = bool(index.get("is_distilled", False))
-  zero_star = bool(index.get("is_cfg_zero_star", False))
-  if pyramid:
-    kind = "Distilled" if distilled else ("Mid" if zero_star else "pyramid")
-    steps = [2] * stages if distilled else ([20] * stages if zero_star else [10] * stages)
-    guidance = 1.0 if distilled else 5.0
-  else:
-    kind, steps, guidance = "Base", [50], 5.0
-  steps = list(folder_defaults.get("steps", steps))
-  guidance = float(folder_defaults.get("guidance", guidance))
-  if args.height is None:
-    args.height = int(folder_defaults.get("height", DEFAULT_HEIGHT))
-  if args.width is None:
-    args.width = int(folder_defaults.get("width", DEFAULT_WIDTH))
-  if args.dtype is None:
-    args.dtype = folder_defaults.get("dtype", "bf16")
-  if args.steps is not None:
-    want = stages if pyramid else 1
-    if len(args.steps) != want:
-      raise UsageError(f"--steps needs {want} number{'s' if want > 1 else ''} for this model "
-                       f"({'one per pyramid stage' if pyramid else 'plain sampler'}), got {len(args.steps)}")
-    steps = list(args.steps)
-  guidance = guidance if args.guidance is None else float(args.guidance)
-  num_frames = args.num_frames or int(folder_defaults.get("num_frames", 240 if distilled else 99))
-  patch = tcfg.get("patch_size", [1, 2, 2])
-  dims = vcfg.get("dim_mult", [1, 2, 4, 4])
-  spatial = 2 ** (len(dims) - 1)
-  temporal = 2 ** sum(bool(t) for t in vcfg.get("temperal_downsample", [False, True, True]))
-  mult = spatial * 2 ** ((stages if pyramid else 1) - 1) * max(int(patch[1]), int(patch[2]))
-  if args.height % mult or args.width % mult:
-    raise UsageError(f"--height and --width must be multiples of {mult} for this model, got "
-                     f"{args.height}x{args.width} (Helios was trained at 384x640)")
-  if guidance > 1 and args.prompt_embeds and not args.negative_prompt_embeds and not os.path.isdir(
-      os.path.join(model, "text_encoder")):
-    raise UsageError(f"--guidance {guidance:g} > 1 needs --negative-prompt-embeds (this model folder has no text "
-                     "encoder to encode an empty negative prompt)")
-  return dict(pyramid=pyramid, kind=kind, steps=steps, guidance=guidance, num_frames=num_frames,
-              distilled=distilled, text_dim=int(tcfg.get("text_dim", 4096)), temporal=temporal,
-              window=8 * temporal + 1)
+def _inspect_model(args) -> ModelPlan:
+  """Reads the model folder's configs (no weights) and resolves the defaults of the settings not given."""
+  plan = inspect_model_folder(args.model, height=args.height, width=args.width, dtype=args.dtype, steps=args.steps,
+                              guidance=args.guidance, num_frames=args.num_frames,
+                              needs_text_encoder=args.prompt is not None, option_names=OPTION_NAMES)
+  if plan.guidance > 1 and args.prompt_embeds and not args.negative_prompt_embeds and not plan.has_text_encoder:
+    raise UsageError(f"--guidance {plan.guidance:g} > 1 needs --negative-prompt-embeds (this model folder has no "
+                     "text encoder to encode an empty negative prompt)")
+  return plan
 
 
 def _load_embeds(path: str, what: str, text_dim: int):
@@ -279,23 +214,23 @@ def _load_embeds(path: str, what: str, text_dim: int):
   return arr.astype(np.float32)
 
 
-def _read_inputs(args, plan) -> dict:
+def _read_inputs(args, plan: ModelPlan) -> dict:
   """Opens the image / video / embeddings (validating them) before any model is loaded."""
   from helios_jax.io import media
   out = {}
   if args.image:
     out["image"] = media.load_image(args.image)
   if args.video:
-    frames = media.read_video(args.video, size=(args.width, args.height))
-    if frames.shape[0] < plan["window"]:
-      raise InputError(f"video {args.video} has {frames.shape[0]} frames; V2V needs at least {plan['window']} "
+    frames = media.read_video(args.video, size=(plan.width, plan.height))
+    if frames.shape[0] < plan.window:
+      raise InputError(f"video {args.video} has {frames.shape[0]} frames; V2V needs at least {plan.window} "
                        f"(one chunk)")
     out["video"] = frames
   if args.prompt_embeds:
-    out["prompt_embeds"] = _load_embeds(args.prompt_embeds, "prompt embeddings", plan["text_dim"])
+    out["prompt_embeds"] = _load_embeds(args.prompt_embeds, "prompt embeddings", plan.text_dim)
   if args.negative_prompt_embeds:
     out["negative_prompt_embeds"] = _load_embeds(args.negative_prompt_embeds, "negative prompt embeddings",
-                                                 plan["text_dim"])
+                                                 plan.text_dim)
   return out
 
 
@@ -303,15 +238,15 @@ def _read_inputs(args, plan) -> dict:
 # The run
 
 
-def _encode_text_then_free(args, plan, dtype):
+def _encode_text_then_free(args, plan: ModelPlan):
   """--free-text-encoder: UMT5 alone -> (prompt_embeds, negative_prompt_embeds), then drop it."""
   from helios_jax.models.tokenizer import encode_prompt, load_tokenizer
   from helios_jax.models.umt5 import UMT5EncoderModel
-  encoder = UMT5EncoderModel.from_pretrained(os.path.join(args.model, "text_encoder"), dtype=dtype)
+  encoder = UMT5EncoderModel.from_pretrained(os.path.join(args.model, "text_encoder"), dtype=plan.jax_dtype)
   tokenizer = load_tokenizer(os.path.join(args.model, "tokenizer"))
   pe = encode_prompt(encoder, tokenizer, [args.prompt], max_sequence_length=MAX_SEQUENCE_LENGTH)
   ne = None
-  if plan["guidance"] > 1:
+  if plan.guidance > 1:
     ne = encode_prompt(encoder, tokenizer, [args.negative_prompt or ""], max_sequence_length=MAX_SEQUENCE_LENGTH)
   import jax
   jax.block_until_ready((pe, ne))
@@ -336,17 +271,14 @@ def _run(argv) -> int:
   plan = _inspect_model(args)
   inputs = _read_inputs(args, plan)
 
-  import jax.numpy as jnp
-  from helios_jax.pipelines import HeliosPipeline, HeliosPyramidPipeline
-  dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
-  print(f"Helios-{plan['kind']} {args.mode}: {plan['num_frames']} frames at {args.width}x{args.height}, steps "
-        f"{' '.join(map(str, plan['steps']))}, guidance {plan['guidance']:g}, seed {args.seed}, {args.dtype}",
+  print(f"Helios-{plan.kind} {args.mode}: {plan.num_frames} frames at {plan.width}x{plan.height}, steps "
+        f"{' '.join(map(str, plan.steps))}, guidance {plan.guidance:g}, seed {args.seed}, {plan.dtype}",
         flush=True)
   timings = {}
   t0 = time.perf_counter()
   prompt_kw = {}
   if args.prompt is not None and args.free_text_encoder:
-    prompt_kw["prompt_embeds"], prompt_kw["negative_prompt_embeds"] = _encode_text_then_free(args, plan, dtype)
+    prompt_kw["prompt_embeds"], prompt_kw["negative_prompt_embeds"] = _encode_text_then_free(args, plan)
     load_text = False
   elif args.prompt is not None:
     prompt_kw = dict(prompt=args.prompt, negative_prompt=args.negative_prompt)
@@ -354,23 +286,16 @@ def _run(argv) -> int:
   else:
     prompt_kw = dict(prompt_embeds=inputs["prompt_embeds"],
                      negative_prompt_embeds=inputs.get("negative_prompt_embeds"))
-    load_text = plan["guidance"] > 1 and "negative_prompt_embeds" not in inputs
+    load_text = plan.guidance > 1 and "negative_prompt_embeds" not in inputs
   timings["text encoder"] = time.perf_counter() - t0 if args.free_text_encoder and args.prompt else 0.0
   t0 = time.perf_counter()
-  cls = HeliosPyramidPipeline if plan["pyramid"] else HeliosPipeline
-  pipe = cls.from_pretrained(args.model, dtype=dtype, text_encoder_dtype=dtype, load_text_encoder=load_text)
+  pipe = load_pipeline(args.model, plan, load_text_encoder=load_text)
   if args.unstack_layers:
     pipe.unstack_transformer_layers()
   timings["load"] = time.perf_counter() - t0
 
-  call = dict(height=args.height, width=args.width, num_frames=plan["num_frames"], guidance_scale=plan["guidance"],
-              seed=args.seed, output_type="np", progress=True, image=inputs.get("image"),
-              video=inputs.get("video"), max_sequence_length=MAX_SEQUENCE_LENGTH, **prompt_kw)
-  if plan["pyramid"]:
-    call.update(pyramid_num_inference_steps_list=tuple(plan["steps"]),
-                is_amplify_first_chunk=plan["distilled"])
-  else:
-    call.update(num_inference_steps=plan["steps"][0])
+  call = dict(seed=args.seed, output_type="np", progress=True, image=inputs.get("image"), video=inputs.get("video"),
+              max_sequence_length=MAX_SEQUENCE_LENGTH, **plan.pipeline_kwargs(), **prompt_kw)
   if mesh_shape is None:
     out = pipe(**call)
   else:
@@ -397,7 +322,7 @@ def _run(argv) -> int:
   steady = ""
   if len(chunks) > 1:
     mean_rest = sum(chunks[1:]) / (len(chunks) - 1)
-    steady = f"; after the first chunk {plan['window'] / mean_rest:.2f} frames/s ({mean_rest:.2f} s per chunk)"
+    steady = f"; after the first chunk {plan.window / mean_rest:.2f} frames/s ({mean_rest:.2f} s per chunk)"
   print(f"timings: load {timings['load']:.1f} s"
         + (f", text encoder {timings['text encoder']:.1f} s" if timings["text encoder"] else "")
         + f", text {t.get('text', 0.0):.2f} s, {len(chunks)} chunk{'s' if len(chunks) != 1 else ''} "
