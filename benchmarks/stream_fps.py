@@ -1,0 +1,150 @@
+"""Streaming speed at the released 14B config (random bf16 weights): batch vs ``pipe.stream`` vs the server.
+
+A benchmark, not a test. Builds the 14B transformer and the Wan2.1 VAE on the accelerator as ``benchmarks/fps.py``
+does, then for each setting ("1-1-1", "2-2-2+amp") and ``--chunks`` chunks at 384x640 measures, in one process:
+
+* ``batch``: ``pipe(...)`` with ``output_type="jax"`` (frames left on the device), as benchmarks/fps.py;
+* ``stream``: ``pipe.stream(...)`` (uint8 frames on the host per chunk) with ``prefetch`` 0 and 1;
+* ``server``: the same through ``helios_jax.serving`` (uvicorn on 127.0.0.1, one WebSocket client in this process,
+  JPEG frames over the socket), from the client's "start" message to each frame's arrival.
+
+For each: time to first frame (TTFF, compiled programs warm), sustained FPS (frames after the first chunk over the
+time after it) and end-to-end FPS (all frames over the whole time). The text encoder is excluded as in
+benchmarks/fps.py: prompts map to fixed random embeddings. Records go to ``--out`` (one JSON per setting).
+
+    python benchmarks/stream_fps.py --out benchmarks/results          # on a GPU
+    python benchmarks/stream_fps.py --layers 2 --height 128 --width 128 --chunks 3   # a smoke run anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks.fps import SETTINGS, build_on_device, peak_gib  # noqa: E402
+from helios_jax.models.transformer import HeliosTransformer3DModel, HeliosTransformerConfig  # noqa: E402
+from helios_jax.models.vae import AutoencoderKLWan  # noqa: E402
+from helios_jax.pipelines import HeliosPyramidPipeline  # noqa: E402
+from helios_jax.schedulers import HeliosDMDScheduler  # noqa: E402
+
+
+def summarise(ready: list[float], counts: list[int]) -> dict:
+  """Per-chunk arrival times (s since start) and frame counts -> TTFF, sustained and end-to-end FPS."""
+  total = sum(counts)
+  rest = sum(counts[1:])
+  sustained = rest / (ready[-1] - ready[0]) if len(ready) > 1 and ready[-1] > ready[0] else float("nan")
+  return {"ttff_s": round(ready[0], 3), "sustained_fps": round(sustained, 2), "e2e_fps": round(total / ready[-1], 2),
+          "frames": total, "chunk_intervals_s": [round(b - a, 3) for a, b in zip([0.0] + ready[:-1], ready)]}
+
+
+def batch_run(pipe, call: dict, frames: int) -> dict:
+  t = time.perf_counter()
+  out = pipe(num_frames=frames, output_type="jax", progress=False, **call)
+  jax.block_until_ready(out.frames)
+  s = time.perf_counter() - t
+  n = int(out.frames.shape[1])
+  return {"seconds": round(s, 3), "fps": round(n / s, 2), "frames": n}
+
+
+def stream_run(pipe, call: dict, frames: int, prefetch: int) -> dict:
+  s = pipe.stream(num_frames=frames, prefetch=prefetch, **call)
+  ready, counts = [], []
+  for chunk in s:
+    ready.append(chunk.timings["ready_s"])
+    counts.append(int(chunk.frames.shape[0]))
+  return summarise(ready, counts)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--chunks", type=int, default=12)
+  p.add_argument("--height", type=int, default=384)
+  p.add_argument("--width", type=int, default=640)
+  p.add_argument("--layers", type=int, default=40)
+  p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+  p.add_argument("--no-server", action="store_true", help="skip the server measurement")
+  p.add_argument("--repeats", type=int, default=2, help="measured runs of each variant (the best is kept)")
+  p.add_argument("--tag", default="")
+  p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+  a = p.parse_args()
+  os.makedirs(a.out, exist_ok=True)
+  dev = jax.devices()[0]
+  print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
+  cfg = HeliosTransformerConfig(num_layers=a.layers, dtype="bfloat16")
+  transformer = build_on_device(HeliosTransformer3DModel, cfg)
+  vae = build_on_device(AutoencoderKLWan, None, dtype=jnp.bfloat16)
+  jax.block_until_ready(nnx.state(transformer))
+  scheduler = HeliosDMDScheduler.from_config(dict(stages=3, use_dynamic_shifting=True, time_shift_type="linear"))
+  pipe = HeliosPyramidPipeline(transformer, scheduler, vae, is_distilled=True)
+  emb = (0.1 * jax.random.normal(jax.random.key(1), (1, 512, cfg.text_dim))).astype(jnp.bfloat16)
+  frames = a.chunks * 33
+  server = None if a.no_server else ServerHarness(pipe, emb, a)
+
+  for setting in a.settings:
+    steps, amp = SETTINGS[setting]
+    call = dict(prompt_embeds=emb, height=a.height, width=a.width, guidance_scale=1.0,
+                pyramid_num_inference_steps_list=steps, is_amplify_first_chunk=amp, seed=42)
+    t = time.perf_counter()
+    batch_run(pipe, call, 66)  # compiles every stage shape (amplified first chunk + a plain one) and the decode
+    stream_run(pipe, call, 66, 1)  # and the stream's uint8 conversion
+    warm_s = time.perf_counter() - t
+    rec = {"impl": "helios_jax", "device": dev.device_kind, "setting": setting, "chunks": a.chunks,
+           "height": a.height, "width": a.width, "layers": a.layers, "jax": jax.__version__,
+           "date": datetime.date.today().isoformat(), "warmup_s": round(warm_s, 1), "tag": a.tag}
+    rec["batch"] = max((batch_run(pipe, call, frames) for _ in range(a.repeats)), key=lambda r: r["fps"])
+    for prefetch in (0, 1):
+      rec[f"stream_prefetch{prefetch}"] = max((stream_run(pipe, call, frames, prefetch) for _ in range(a.repeats)),
+                                              key=lambda r: r["e2e_fps"])
+    if server is not None:
+      server.run(steps, amp, 33)  # warm the server path (JPEG encoder, socket)
+      rec["server"] = max((server.run(steps, amp, frames) for _ in range(a.repeats)), key=lambda r: r["e2e_fps"])
+    rec["peak_gib"] = round(peak_gib(), 1)
+    b = rec["batch"]["fps"]
+    for key in ("stream_prefetch0", "stream_prefetch1", "server"):
+      if key in rec:
+        rec[key]["sustained_vs_batch"] = round(rec[key]["sustained_fps"] / b, 4)
+        rec[key]["e2e_vs_batch"] = round(rec[key]["e2e_fps"] / b, 4)
+    print(json.dumps(rec), flush=True)
+    suffix = f"_{a.tag}" if a.tag else ""
+    with open(os.path.join(a.out, f"stream_fps_{setting.replace('+', '_')}_{a.layers}l{suffix}.json"), "w") as f:
+      json.dump(rec, f, indent=1)
+  if server is not None:
+    server.close()
+
+
+class ServerHarness:
+  """The streaming server (helios_jax.serving) on 127.0.0.1 in a background thread, serving ``pipe``; prompts map to
+  the fixed embeddings ``emb`` (no text encoder at 14B here)."""
+
+  def __init__(self, pipe, emb, a):
+    raise NotImplementedError("filled in once helios_jax.serving lands")
+
+  def run(self, steps, amp, frames) -> dict:
+    raise NotImplementedError
+
+  def close(self) -> None:
+    pass
+
+
+if __name__ == "__main__":
+  main()
