@@ -1,19 +1,28 @@
 #!/usr/bin/env python
-"""Generate a video with Helios from the command line (T2V, I2V or V2V), written as an H.264 mp4 at 24 fps.
+"""Generate videos with Helios from the command line (T2V, I2V or V2V), written as H.264 mp4s (24 fps by default).
 
     python sample.py --mode t2v --model Helios-Distilled --prompt "A red fox runs through fresh snow"
     python sample.py --mode i2v --model Helios-Distilled --prompt "..." --image first_frame.jpg
     python sample.py --mode v2v --model Helios-Mid --prompt "..." --video clip.mp4 --out continued.mp4
+    python sample.py --model Helios-Distilled --prompt-file prompts.txt --out runs/video.mp4     # one per line
+    python sample.py --model Helios-Distilled --interactive-prompts story.csv --out runs/story.mp4  # one per id
 
 ``--model`` is a diffusers-format Helios folder (BestWishYsh/Helios-Base, -Mid or -Distilled on Hugging Face).
-Defaults come from its ``model_index.json``: Distilled (``is_distilled``) -> pyramid steps 2 2 2, guidance 1.0,
-amplified first chunk, 240 frames; Mid (``is_cfg_zero_star``) -> 20 20 20, guidance 5.0 with CFG-Zero*, 99 frames;
-Base (``HeliosPipeline``) -> 50 steps, guidance 5.0, 99 frames; always 384x640 and seed 42.
+Defaults come from its ``model_index.json`` (:mod:`helios_jax.io.model_folder`): Distilled (``is_distilled``) ->
+pyramid steps 2 2 2, guidance 1.0, amplified first chunk, 240 frames; Mid (``is_cfg_zero_star``) -> 20 20 20,
+guidance 5.0 with CFG-Zero*, 99 frames; Base (``HeliosPipeline``) -> 50 steps, guidance 5.0, 99 frames; always
+384x640 and seed 42.
 
-Every user mistake (missing model folder or component, unreadable image or video, a video shorter than one
-33-frame chunk, contradictory arguments, an unwritable output path, a bad dtype) ends with one line
-``error: ...`` on stderr and exit status 2, before any model is loaded where possible; the mp4 and the contact
-sheet are written to a temporary name and renamed when complete, so nothing half-written is left behind.
+Generation streams (``pipe.stream``): each 33-frame chunk is encoded into the mp4 as it arrives, with one progress
+line per chunk, so the video is never held in host memory whole. ``--prompt-file`` makes one video per line and
+``--interactive-prompts`` one video per id of the official interactive CSV (each prompt held ``--interpolate-time``
+chunks, blended into the next over ``--interpolation-steps``); with several videos each gets its own numbered
+output, video i uses seed + i, and outputs that already exist are skipped (``--overwrite`` replaces them).
+
+Every user mistake (missing model folder or component, unreadable image, video or prompt file, a video shorter than
+one 33-frame chunk, contradictory arguments, an unwritable output path, a bad dtype) ends with one line
+``error: ...`` on stderr and exit status 2, before any model is loaded where possible; each mp4 and contact sheet
+is written to a temporary name and renamed when complete, so nothing half-written is left behind.
 
 This file is a thin layer over :mod:`helios_jax`; ``main(argv)`` returns the exit status (importable for tests).
 """
@@ -21,14 +30,24 @@ This file is a thin layer over :mod:`helios_jax`; ``main(argv)`` returns the exi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import os
+import re
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
+import numpy as np
+
+from helios_jax import __version__
 from helios_jax.errors import CheckpointError, HeliosError, InputError
-from helios_jax.io.model_folder import DEFAULT_HEIGHT, DEFAULT_WIDTH, DEMO_DIR, ModelPlan, bundled_demo, \
+from helios_jax.io import media
+from helios_jax.io.model_folder import DEFAULT_HEIGHT, DEFAULT_WIDTH, DEMO_DIR, DTYPES, ModelPlan, bundled_demo, \
     inspect_model_folder, load_pipeline
+from helios_jax.pipelines.prompts import OFFICIAL_INTERPOLATE_TIME, OFFICIAL_INTERPOLATION_STEPS, PromptSchedule
 
 REAL_WEIGHTS = (
     "download the real weights in diffusers format from Hugging Face (BestWishYsh/Helios-Distilled for fast "
@@ -37,6 +56,14 @@ REAL_WEIGHTS = (
 DEMO_MISSING = "no --model given, and the bundled demo model is missing from this installation: " + REAL_WEIGHTS
 DEFAULT_SEED = 42
 MAX_SEQUENCE_LENGTH = 512
+SHEET_FRAMES = 8  # frames on a contact sheet (media.write_contact_sheet's default)
+
+# How the library's messages name the settings on this command line.
+OPTION_NAMES = {"height": "--height", "width": "--width", "steps": "--steps", "guidance": "--guidance",
+                "num_frames": "--num-frames", "dtype": "--dtype", "prompt": "--prompt",
+                "prompt_embeds": "--prompt-embeds PATH.npy"}
+
+ChunkHook = Callable[["Job", Any], None]  # (the video being made, a helios_jax.pipelines.StreamChunk)
 
 
 class UsageError(HeliosError):
@@ -50,39 +77,76 @@ class _Parser(argparse.ArgumentParser):
     raise UsageError(message)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Appends "(default: X)" only where there is a default to show and the help text does not already say it."""
+
+  def _get_help_string(self, action: argparse.Action) -> str:
+    text = action.help or ""
+    if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+      return text
+    return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="sample.py", description="Generate a video with Helios (JAX).",
-              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = _Parser(prog="sample.py", description="Generate videos with Helios (JAX).", formatter_class=_HelpFormatter)
+  p.add_argument("--version", action="version", version=f"%(prog)s (helios-jax {__version__})")
   p.add_argument("--mode", choices=("t2v", "i2v", "v2v"), default="t2v",
                  help="text-to-video, image-to-video (--image) or video-to-video continuation (--video)")
   p.add_argument("--model", help="diffusers-format Helios folder (model_index.json, transformer/, scheduler/, vae/, "
                                  "text_encoder/, tokenizer/); default: the small bundled demo model, with a "
                                  "bundled prompt, start image (i2v) and start video (v2v)")
-  p.add_argument("--prompt", help="the text prompt (longer than 512 tokens: truncated, with a warning)")
-  p.add_argument("--negative-prompt", help="negative prompt for guidance > 1 (default: empty)")
-  p.add_argument("--prompt-embeds", metavar="PATH.npy",
-                 help="precomputed prompt embeddings (L, D) or (1, L, D) instead of --prompt (for folders without "
-                      "a text encoder)")
-  p.add_argument("--negative-prompt-embeds", metavar="PATH.npy", help="precomputed negative prompt embeddings")
+  prompts = p.add_argument_group("prompts (one of --prompt, --prompt-embeds, --prompt-file, --interactive-prompts)")
+  prompts.add_argument("--prompt", help="the text prompt (longer than 512 tokens: truncated, with a warning)")
+  prompts.add_argument("--negative-prompt", help="negative prompt for guidance > 1 (default: empty)")
+  prompts.add_argument("--prompt-embeds", metavar="PATH.npy",
+                       help="precomputed prompt embeddings (L, D) or (1, L, D) instead of --prompt (for folders "
+                            "without a text encoder)")
+  prompts.add_argument("--negative-prompt-embeds", metavar="PATH.npy", help="precomputed negative prompt embeddings")
+  prompts.add_argument("--prompt-file", metavar="FILE.txt",
+                       help="one video per non-empty line of this UTF-8 text file (the official --prompt_txt_path); "
+                            "with several lines the outputs are <--out stem>_000.mp4, _001, ... (numbered from 0 "
+                            "in line order)")
+  prompts.add_argument("--interactive-prompts", metavar="FILE.csv",
+                       help="the official interactive CSV (--interactive_prompt_csv_path): columns id, "
+                            "prompt_index, prompt and optionally refined_prompt (used where filled); one video per "
+                            "id whose prompts follow each other in prompt_index order; with several ids the outputs "
+                            "are <--out stem>_<id>.mp4")
+  prompts.add_argument("--interpolate-time", type=int, metavar="CHUNKS",
+                       help="--interactive-prompts: chunks (33 frames each) every prompt is held (default: "
+                            f"{OFFICIAL_INTERPOLATE_TIME}, as the official script)")
+  prompts.add_argument("--interpolation-steps", type=int, metavar="CHUNKS",
+                       help="--interactive-prompts: chunks over which each new prompt is blended in, inside its own "
+                            f"--interpolate-time (default: {OFFICIAL_INTERPOLATION_STEPS}, as the official script)")
   p.add_argument("--image", help="I2V: the first frame (any image file Pillow reads)")
   p.add_argument("--video", help="V2V: the video to continue (any file FFmpeg reads; >= 33 frames)")
   p.add_argument("--num-frames", type=int, help="frames to generate (rounded up to 33-frame chunks, then trimmed to "
-                                                "4k+1); default 240 for Distilled, 99 otherwise")
+                                                "4k+1); default 240 for Distilled, 99 otherwise, and with "
+                                                "--interactive-prompts the schedule's length")
   p.add_argument("--height", type=int, help=f"frame height (default: the model folder's, else {DEFAULT_HEIGHT})")
   p.add_argument("--width", type=int, help=f"frame width (default: the model folder's, else {DEFAULT_WIDTH})")
   p.add_argument("--steps", type=int, nargs="+", metavar="N",
-                 help="pyramid: one step count per stage (e.g. 2 2 2); plain (Base): one count")
-  p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 disables it)")
-  p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+                 help="pyramid: one step count per stage (e.g. 2 2 2); plain (Base): one count (default: the "
+                      "model folder's)")
+  p.add_argument("--guidance", type=float,
+                 help="classifier-free guidance scale, 1 disables it (default: the model folder's)")
+  p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                 help="random seed of the (first) video; with --prompt-file or --interactive-prompts video i of the "
+                      "file (counted from 0) uses seed + i")
   p.add_argument("--out", default="out.mp4", help="output video (.mp4)")
-  p.add_argument("--dtype", choices=("bf16", "fp32"),
+  p.add_argument("--overwrite", action="store_true",
+                 help="with --prompt-file or --interactive-prompts, replace outputs that already exist (without it "
+                      "they are skipped, so an interrupted run can be resumed); a --prompt or --prompt-embeds run always replaces --out")
+  p.add_argument("--fps", type=int, default=media.DEFAULT_FPS, help="frame rate of the mp4 (playback only)")
+  p.add_argument("--dtype", choices=DTYPES,
                  help="transformer and text-encoder dtype (the VAE always runs in fp32); default: the model "
                       "folder's, else bf16")
-  p.add_argument("--contact-sheet", metavar="PATH.png", help="also write a PNG grid of 8 evenly spaced frames")
+  p.add_argument("--contact-sheet", metavar="PATH.png",
+                 help=f"also write a PNG grid of {SHEET_FRAMES} evenly spaced frames (default: none, with the "
+                      "bundled demo <--out stem>.png); numbered like --out when there are several videos")
   p.add_argument("--mesh", metavar="AXIS=N,...",
                  help="run the transformer on several devices, e.g. data=2,sequence=4: data=2 puts the CFG "
                       "branches on two devices, sequence=N splits attention over tokens, fsdp=N splits the weights "
-                      "(docs/scaling.md)")
+                      "(docs/scaling.md); streams like a one-device run")
   p.add_argument("--unstack-layers", action="store_true",
                  help="run the transformer blocks from per-layer weight arrays: ~3%% faster forwards on a GPU, "
                       "~4x longer compilation (docs/benchmarks.md); not with --mesh")
@@ -126,6 +190,38 @@ def _enable_compile_cache(choice: str | None) -> str | None:
 # Checks that need no model
 
 
+def _check_prompt_sources(args) -> None:
+  """Exactly one of --prompt, --prompt-embeds, --prompt-file, --interactive-prompts, and what goes with each;
+  fills in the --interpolate-time / --interpolation-steps defaults."""
+  given = [name for name, value in (("--prompt", args.prompt is not None), ("--prompt-embeds", args.prompt_embeds),
+                                    ("--prompt-file", args.prompt_file),
+                                    ("--interactive-prompts", args.interactive_prompts)) if value]
+  if len(given) > 1:
+    raise UsageError(f"pass {given[0]} or {given[1]}, not both")
+  if not given:
+    raise UsageError("pass --prompt \"...\" (or --prompt-embeds PATH.npy, --prompt-file FILE.txt or "
+                     "--interactive-prompts FILE.csv)")
+  if args.negative_prompt is not None and args.negative_prompt_embeds:
+    raise UsageError("pass --negative-prompt or --negative-prompt-embeds, not both")
+  if args.negative_prompt_embeds and not args.prompt_embeds:
+    raise UsageError("--negative-prompt-embeds goes with --prompt-embeds; with --prompt use --negative-prompt")
+  for flag, value in (("--interpolate-time", args.interpolate_time),
+                      ("--interpolation-steps", args.interpolation_steps)):
+    if value is not None and not args.interactive_prompts:
+      raise UsageError(f"{flag} goes with --interactive-prompts FILE.csv")
+  if args.interactive_prompts:
+    hold = OFFICIAL_INTERPOLATE_TIME if args.interpolate_time is None else args.interpolate_time
+    blend = OFFICIAL_INTERPOLATION_STEPS if args.interpolation_steps is None else args.interpolation_steps
+    if hold < 1:
+      raise UsageError(f"--interpolate-time must be at least 1 chunk, got {hold}")
+    if blend < 0:
+      raise UsageError(f"--interpolation-steps must be >= 0, got {blend}")
+    if blend > hold:
+      raise UsageError(f"--interpolation-steps ({blend}) must not exceed --interpolate-time ({hold}): each new "
+                       "prompt is blended in within the chunks it is held")
+    args.interpolate_time, args.interpolation_steps = hold, blend
+
+
 def _check_arguments(args) -> None:
   if args.mode == "t2v" and (args.image or args.video):
     raise UsageError(f"--mode t2v takes no {'--image' if args.image else '--video'}; use --mode "
@@ -140,26 +236,15 @@ def _check_arguments(args) -> None:
       raise UsageError("--mode v2v takes --video, not --image (use --mode i2v to start from an image)")
     if not args.video:
       raise UsageError("--mode v2v needs --video PATH")
-  if args.prompt is not None and args.prompt_embeds:
-    raise UsageError("pass --prompt or --prompt-embeds, not both")
-  if args.prompt is None and not args.prompt_embeds:
-    raise UsageError("pass --prompt \"...\" (or --prompt-embeds PATH.npy)")
-  if args.negative_prompt is not None and args.negative_prompt_embeds:
-    raise UsageError("pass --negative-prompt or --negative-prompt-embeds, not both")
-  if args.negative_prompt_embeds and not args.prompt_embeds:
-    raise UsageError("--negative-prompt-embeds goes with --prompt-embeds; with --prompt use --negative-prompt")
+  _check_prompt_sources(args)
   if not args.out.lower().endswith(".mp4"):
     raise UsageError(f"--out must name an .mp4 file, got {args.out}")
+  if args.fps < 1:
+    raise UsageError(f"--fps must be positive, got {args.fps}")
   if args.unstack_layers and args.mesh:
     raise UsageError("--unstack-layers is a one-device option; leave it out with --mesh")
   if args.contact_sheet and not args.contact_sheet.lower().endswith(".png"):
     raise UsageError(f"--contact-sheet must name a .png file, got {args.contact_sheet}")
-
-
-# How the library's messages name the settings on this command line.
-OPTION_NAMES = {"height": "--height", "width": "--width", "steps": "--steps", "guidance": "--guidance",
-                "num_frames": "--num-frames", "dtype": "--dtype", "prompt": "--prompt",
-                "prompt_embeds": "--prompt-embeds PATH.npy"}
 
 
 def _use_demo(args) -> None:
@@ -169,7 +254,7 @@ def _use_demo(args) -> None:
   except CheckpointError:
     raise UsageError(DEMO_MISSING) from None
   args.model = demo.model
-  if args.prompt is None and not args.prompt_embeds:
+  if args.prompt is None and not (args.prompt_embeds or args.prompt_file or args.interactive_prompts):
     args.prompt = demo.prompts[args.mode]
   if args.mode == "i2v" and not args.image and not args.video:
     args.image = demo.image
@@ -181,23 +266,26 @@ def _use_demo(args) -> None:
   print(f"no --model given: using the bundled demo model ({show(demo.model)}), a small Helios trained on "
         f"procedural scenes of moving shapes (model card: {show(demo.model_card)}). "
         f"For real videos, {REAL_WEIGHTS}.", flush=True)
-  print(f"prompt: {args.prompt!r}" + (f", start image {show(args.image)}" if args.image else "")
-        + (f", start video {show(args.video)}" if args.video else ""), flush=True)
+  inputs = (f", start image {show(args.image)}" if args.image else "") + \
+      (f", start video {show(args.video)}" if args.video else "")
+  if args.prompt is not None:
+    print(f"prompt: {args.prompt!r}{inputs}", flush=True)
+  elif inputs:
+    print(inputs[2:], flush=True)
 
 
-def _inspect_model(args) -> ModelPlan:
+def _inspect_model(args, needs_text_encoder: bool) -> ModelPlan:
   """Reads the model folder's configs (no weights) and resolves the defaults of the settings not given."""
   plan = inspect_model_folder(args.model, height=args.height, width=args.width, dtype=args.dtype, steps=args.steps,
                               guidance=args.guidance, num_frames=args.num_frames,
-                              needs_text_encoder=args.prompt is not None, option_names=OPTION_NAMES)
+                              needs_text_encoder=needs_text_encoder, option_names=OPTION_NAMES)
   if plan.guidance > 1 and args.prompt_embeds and not args.negative_prompt_embeds and not plan.has_text_encoder:
     raise UsageError(f"--guidance {plan.guidance:g} > 1 needs --negative-prompt-embeds (this model folder has no "
                      "text encoder to encode an empty negative prompt)")
   return plan
 
 
-def _load_embeds(path: str, what: str, text_dim: int):
-  import numpy as np
+def _load_embeds(path: str, what: str, text_dim: int) -> np.ndarray:
   if not os.path.isfile(path):
     raise InputError(f"{what} file not found: {path}")
   try:
@@ -216,7 +304,6 @@ def _load_embeds(path: str, what: str, text_dim: int):
 
 def _read_inputs(args, plan: ModelPlan) -> dict:
   """Opens the image / video / embeddings (validating them) before any model is loaded."""
-  from helios_jax.io import media
   out = {}
   if args.image:
     out["image"] = media.load_image(args.image)
@@ -235,27 +322,280 @@ def _read_inputs(args, plan: ModelPlan) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# The videos of a run: one, or one per prompt-file line / interactive-CSV id
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One video to make.
+
+  Attributes:
+    out: the mp4 (absolute path); sheet: its contact sheet or None.
+    seed: the video's seed.
+    prompt: its prompt text (None with --prompt-embeds or a schedule).
+    schedule: its interactive prompt schedule (--interactive-prompts), else None.
+    label: what the video is in messages ("" for a single video, "line 3" / "id 7" from a file).
+  """
+
+  out: str
+  sheet: str | None
+  seed: int
+  prompt: str | None = None
+  schedule: PromptSchedule | None = None
+  label: str = ""
+
+
+def read_prompt_file(path: str) -> list[str]:
+  """The non-empty lines of a UTF-8 text file (a byte-order mark is allowed), stripped.
+
+  Raises:
+    InputError: the file is missing, a folder, unreadable, not UTF-8 text, or has no prompt.
+  """
+  if os.path.isdir(path):
+    raise InputError(f"prompt file {path} is a folder")
+  if not os.path.isfile(path):
+    raise InputError(f"prompt file not found: {path}")
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise InputError(f"prompt file {path} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
+  except OSError as e:
+    raise InputError(f"cannot read prompt file {path}: {e.strerror}") from None
+  if "\x00" in text:
+    raise InputError(f"prompt file {path} is not a text file (it holds NUL bytes)")
+  prompts = [line.strip() for line in text.splitlines() if line.strip()]
+  if not prompts:
+    raise InputError(f"prompt file {path} has no prompts (expected one prompt per line)")
+  return prompts
+
+
+def _numbered(path: str | None, tag: str) -> str | None:
+  """``dir/stem.ext`` -> ``dir/stem_<tag>.ext``."""
+  if path is None:
+    return None
+  stem, ext = os.path.splitext(path)
+  return f"{stem}_{tag}{ext}"
+
+
+def _file_tag(video_id: str) -> str:
+  """A CSV id as it goes into a file name: characters other than letters, digits, '.', '-' and '_' become '_'."""
+  return re.sub(r"[^\w.-]", "_", video_id) or "_"
+
+
+def plan_jobs(args) -> list[Job]:
+  """The run's videos with their output paths and seeds, from --prompt / --prompt-embeds (one video),
+  --prompt-file (one per line) or --interactive-prompts (one per id). Reads and checks the prompt files.
+
+  Raises:
+    InputError: a prompt file that cannot be used, or CSV ids that give the same file name.
+  """
+  if args.interactive_prompts:
+    schedules = PromptSchedule.from_csv(args.interactive_prompts, interpolate_time=args.interpolate_time,
+                                        interpolation_steps=args.interpolation_steps)
+    entries = [(f"id {vid}", _file_tag(vid), None, s) for vid, s in schedules.items()]
+    seen: dict[str, str] = {}
+    for label, tag, _, _ in entries:
+      if tag in seen:
+        raise InputError(f"{args.interactive_prompts}: {seen[tag]} and {label} give the same output name "
+                         f"{_numbered(args.out, tag)}")
+      seen[tag] = label
+  elif args.prompt_file:
+    lines = read_prompt_file(args.prompt_file)
+    digits = max(3, len(str(len(lines) - 1)))
+    entries = [(f"prompt {i}", f"{i:0{digits}d}", text, None) for i, text in enumerate(lines)]
+  else:
+    return [Job(out=args.out, sheet=args.contact_sheet, seed=args.seed, prompt=args.prompt)]
+  if len(entries) == 1:
+    label, _, text, schedule = entries[0]
+    return [Job(out=args.out, sheet=args.contact_sheet, seed=args.seed, prompt=text, schedule=schedule, label=label)]
+  return [Job(out=_numbered(args.out, tag), sheet=_numbered(args.contact_sheet, tag), seed=args.seed + i,
+              prompt=text, schedule=schedule, label=label) for i, (label, tag, text, schedule) in enumerate(entries)]
+
+
+def _writable_jobs(jobs: list[Job], batch: bool, overwrite: bool) -> list[Job]:
+  """Checks every output path can be written (absolute paths back); in a batch run (a prompt file or CSV) drops,
+  with a message, the videos whose mp4 already exists unless ``overwrite``."""
+  todo = []
+  for job in jobs:
+    out = media.check_writable(job.out, "output video")
+    sheet = media.check_writable(job.sheet, "contact sheet") if job.sheet else None
+    if batch and not overwrite and os.path.exists(out):
+      print(f"skipping {job.label}: {out} exists (pass --overwrite to replace it)", flush=True)
+      continue
+    todo.append(dataclasses.replace(job, out=out, sheet=sheet))
+  return todo
+
+
+# ------------------------------------------------------------------------------------------------------------
 # The run
 
 
-def _encode_text_then_free(args, plan: ModelPlan):
-  """--free-text-encoder: UMT5 alone -> (prompt_embeds, negative_prompt_embeds), then drop it."""
+def _encode_texts_then_free(model: str, plan: ModelPlan, texts: Sequence[str], negative: str | None
+                            ) -> tuple[dict[str, Any], Any]:
+  """--free-text-encoder: UMT5 alone -> ({text: (1, L, D) embeddings}, negative embeddings or None), then drop
+  it."""
   from helios_jax.models.tokenizer import encode_prompt, load_tokenizer
   from helios_jax.models.umt5 import UMT5EncoderModel
-  encoder = UMT5EncoderModel.from_pretrained(os.path.join(args.model, "text_encoder"), dtype=plan.jax_dtype)
-  tokenizer = load_tokenizer(os.path.join(args.model, "tokenizer"))
-  pe = encode_prompt(encoder, tokenizer, [args.prompt], max_sequence_length=MAX_SEQUENCE_LENGTH)
+  encoder = UMT5EncoderModel.from_pretrained(os.path.join(model, "text_encoder"), dtype=plan.jax_dtype)
+  tokenizer = load_tokenizer(os.path.join(model, "tokenizer"))
+  embeds = {text: encode_prompt(encoder, tokenizer, [text], max_sequence_length=MAX_SEQUENCE_LENGTH)
+            for text in dict.fromkeys(texts)}
   ne = None
   if plan.guidance > 1:
-    ne = encode_prompt(encoder, tokenizer, [args.negative_prompt or ""], max_sequence_length=MAX_SEQUENCE_LENGTH)
+    ne = encode_prompt(encoder, tokenizer, [negative or ""], max_sequence_length=MAX_SEQUENCE_LENGTH)
   import jax
-  jax.block_until_ready((pe, ne))
+  jax.block_until_ready((embeds, ne))
   del encoder
   gc.collect()
-  return pe, ne
+  return embeds, ne
 
 
-def _run(argv) -> int:
+class _PromptArguments:
+  """The prompt keywords of each video's pipeline call: text, embeddings encoded up front (--free-text-encoder),
+  or --prompt-embeds; also whether the pipeline needs its text encoder."""
+
+  def __init__(self, args, plan: ModelPlan, jobs: list[Job], inputs: dict):
+    self._args = args
+    self._embeds: dict[str, Any] | None = None
+    self._negative = None
+    self._inputs = inputs
+    self.encode_s = 0.0  # seconds spent encoding up front
+    uses_text = args.prompt_embeds is None
+    if uses_text and args.free_text_encoder:
+      t0 = time.perf_counter()
+      texts = [t for job in jobs for t in (job.schedule.prompts if job.schedule else (job.prompt,))]
+      self._embeds, self._negative = _encode_texts_then_free(args.model, plan, texts, args.negative_prompt)
+      self.encode_s = time.perf_counter() - t0
+      self.load_text_encoder = False
+    elif uses_text:
+      self.load_text_encoder = True
+    else:
+      self.load_text_encoder = plan.guidance > 1 and "negative_prompt_embeds" not in inputs
+
+  def __call__(self, job: Job) -> dict:
+    if self._args.prompt_embeds:
+      return dict(prompt_embeds=self._inputs["prompt_embeds"],
+                  negative_prompt_embeds=self._inputs.get("negative_prompt_embeds"))
+    if self._embeds is None:
+      first = dict(prompt_schedule=job.schedule) if job.schedule else dict(prompt=job.prompt)
+      return dict(negative_prompt=self._args.negative_prompt, **first)
+    if job.schedule:
+      s = job.schedule
+      first = dict(prompt_schedule=PromptSchedule(prompts=tuple(self._embeds[t] for t in s.prompts), chunks=s.chunks,
+                                                  interpolation_steps=s.interpolation_steps))
+    else:
+      first = dict(prompt_embeds=self._embeds[job.prompt])
+    return dict(negative_prompt_embeds=self._negative, **first)
+
+
+def _total_frames(num_chunks: int, window: int, temporal: int) -> int:
+  """Frames a finite stream yields: whole chunks trimmed to 4k + 1 (the batch call's trim)."""
+  return (num_chunks * window - 1) // temporal * temporal + 1
+
+
+class _SheetFrames:
+  """Keeps, as the frames pass, the ones :func:`helios_jax.io.media.contact_sheet` would pick from the whole video
+  (``SHEET_FRAMES`` evenly spaced, first and last included)."""
+
+  def __init__(self, total: int):
+    self.wanted = set(np.round(np.linspace(0, total - 1, min(SHEET_FRAMES, total))).astype(int).tolist())
+    self.kept: dict[int, np.ndarray] = {}
+
+  def offer(self, first: int, frames: np.ndarray) -> None:
+    for i in self.wanted.intersection(range(first, first + len(frames))):
+      self.kept[i] = np.array(frames[i - first])
+
+  def frames(self) -> np.ndarray:
+    return np.stack([self.kept[i] for i in sorted(self.kept)])
+
+
+@dataclasses.dataclass
+class _VideoStats:
+  frames: int = 0
+  chunks: list = dataclasses.field(default_factory=list)  # seconds between chunks (the first: since the call)
+  first_chunk: float = 0.0
+  total: float = 0.0
+  size: tuple = (0, 0)
+
+
+def _report_chunk(chunk, num_chunks: int, seconds: float, scheduled: bool) -> None:
+  """One progress line per chunk: k/N, its frames, the ``seconds`` it took (the first: since the stream was asked
+  for) and its frames/s."""
+  n = len(chunk.frames)
+  first = chunk.first_frame
+  if chunk.index == 0:
+    timing = f"first chunk after {seconds:.2f} s (prompt encoding, inputs and compilation included)"
+  else:
+    timing = f"{seconds:.2f} s, {n / seconds:.2f} frames/s"
+  prompt = ""
+  if scheduled and chunk.prompt.get("text"):
+    text = chunk.prompt["text"]
+    weight = chunk.prompt.get("weight", 1.0)
+    short = text[:48] + ("..." if len(text) > 48 else "")
+    prompt = f"; blending to {short!r}: {weight:.0%}" if weight < 1 else f"; prompt {short!r}"
+  print(f"chunk {chunk.index + 1}/{num_chunks}: frames {first}-{first + n - 1}, {timing}{prompt}", flush=True)
+
+
+def _make_video(pipe, call: dict, job: Job, plan: ModelPlan, fps: int, on_chunk: ChunkHook | None) -> _VideoStats:
+  """Streams one video into ``job.out`` (and its contact sheet), chunk by chunk; returns its statistics."""
+  stats = _VideoStats()
+  t_call = time.perf_counter()
+  with pipe.stream(**call) as stream:
+    total = _total_frames(stream.num_chunks, stream.frames_per_chunk, plan.temporal)
+    sheet = _SheetFrames(total) if job.sheet else None
+    stats.size = (stream.width, stream.height)
+
+    def frames() -> Iterator[np.ndarray]:
+      for chunk in stream:
+        if chunk.index == 0:
+          stats.first_chunk = time.perf_counter() - t_call
+        stats.chunks.append(stats.first_chunk if chunk.index == 0 else chunk.timings["interval_s"])
+        _report_chunk(chunk, stream.num_chunks, stats.chunks[-1], job.schedule is not None)
+        if on_chunk is not None:
+          on_chunk(job, chunk)
+        if sheet is not None:
+          sheet.offer(chunk.first_frame, chunk.frames)
+        stats.frames += len(chunk.frames)
+        yield from chunk.frames
+
+    media.write_video(job.out, frames(), fps=fps)
+  if sheet is not None:
+    media.write_contact_sheet(job.sheet, sheet.frames(), num=SHEET_FRAMES)
+  stats.total = time.perf_counter() - t_call
+  return stats
+
+
+def _print_summary(job: Job, stats: _VideoStats, plan: ModelPlan, fps: int, load_s: float, text_s: float) -> None:
+  n = stats.frames
+  print(f"wrote {job.out}: {n} frames, {stats.size[0]}x{stats.size[1]}, {fps} fps ({n / fps:.1f} s of video)")
+  if job.sheet:
+    print(f"wrote {job.sheet}")
+  steady = ""
+  if len(stats.chunks) > 1:
+    mean_rest = sum(stats.chunks[1:]) / (len(stats.chunks) - 1)
+    steady = f"; after the first chunk {plan.window / mean_rest:.2f} frames/s ({mean_rest:.2f} s per chunk)"
+  print((f"timings: load {load_s:.1f} s, " if load_s else "timings: ")
+        + (f"text encoder {text_s:.1f} s, " if text_s else "")
+        + f"first chunk {stats.first_chunk:.2f} s, {len(stats.chunks)} chunk{'s' if len(stats.chunks) != 1 else ''}, "
+        f"generation and writing {stats.total:.1f} s")
+  print(f"speed: {n / stats.total:.2f} frames/s end to end (generation incl. compilation){steady}", flush=True)
+
+
+def _describe(args, plan: ModelPlan, job: Job, position: str) -> str:
+  """The line printed before a video: model kind, mode, frames, size, sampler settings, seed, dtype."""
+  if job.schedule is not None and args.num_frames is None:
+    frames = f"{_total_frames(job.schedule.total_chunks, plan.window, plan.temporal)} frames " \
+             f"({len(job.schedule.prompts)} prompts, {job.schedule.total_chunks} chunks)"
+  else:
+    frames = f"{plan.num_frames} frames"
+  head = f"{position}{job.label}: " if job.label else position
+  return (f"{head}Helios-{plan.kind} {args.mode}: {frames} at {plan.width}x{plan.height}, steps "
+          f"{' '.join(map(str, plan.steps))}, guidance {plan.guidance:g}, seed {job.seed}, {plan.dtype}"
+          + (f"\n  prompt: {job.prompt!r}" if job.label and job.prompt else ""))
+
+
+def _run(argv: Sequence[str] | None, on_chunk: ChunkHook | None = None) -> int:
   args = build_parser().parse_args(argv)
   if not args.model:
     _use_demo(args)
@@ -265,84 +605,62 @@ def _run(argv) -> int:
   if args.mesh:
     from helios_jax.parallel.mesh import parse_mesh
     mesh_shape = parse_mesh(args.mesh)
-  from helios_jax.io import media
-  out_path = media.check_writable(args.out, "output video")
-  sheet_path = media.check_writable(args.contact_sheet, "contact sheet") if args.contact_sheet else None
-  plan = _inspect_model(args)
+  batch = bool(args.prompt_file or args.interactive_prompts)
+  jobs = _writable_jobs(plan_jobs(args), batch, args.overwrite)
+  plan = _inspect_model(args, needs_text_encoder=args.prompt_embeds is None)
   inputs = _read_inputs(args, plan)
+  if not jobs:
+    print("nothing to do: every output exists (pass --overwrite to replace them)")
+    return 0
 
-  print(f"Helios-{plan.kind} {args.mode}: {plan.num_frames} frames at {plan.width}x{plan.height}, steps "
-        f"{' '.join(map(str, plan.steps))}, guidance {plan.guidance:g}, seed {args.seed}, {plan.dtype}",
-        flush=True)
-  timings = {}
+  prompt_args = _PromptArguments(args, plan, jobs, inputs)
   t0 = time.perf_counter()
-  prompt_kw = {}
-  if args.prompt is not None and args.free_text_encoder:
-    prompt_kw["prompt_embeds"], prompt_kw["negative_prompt_embeds"] = _encode_text_then_free(args, plan)
-    load_text = False
-  elif args.prompt is not None:
-    prompt_kw = dict(prompt=args.prompt, negative_prompt=args.negative_prompt)
-    load_text = True
-  else:
-    prompt_kw = dict(prompt_embeds=inputs["prompt_embeds"],
-                     negative_prompt_embeds=inputs.get("negative_prompt_embeds"))
-    load_text = plan.guidance > 1 and "negative_prompt_embeds" not in inputs
-  timings["text encoder"] = time.perf_counter() - t0 if args.free_text_encoder and args.prompt else 0.0
-  t0 = time.perf_counter()
-  pipe = load_pipeline(args.model, plan, load_text_encoder=load_text)
+  pipe = load_pipeline(args.model, plan, load_text_encoder=prompt_args.load_text_encoder)
   if args.unstack_layers:
     pipe.unstack_transformer_layers()
-  timings["load"] = time.perf_counter() - t0
+  load_s = time.perf_counter() - t0
 
-  call = dict(seed=args.seed, output_type="np", progress=True, image=inputs.get("image"), video=inputs.get("video"),
-              max_sequence_length=MAX_SEQUENCE_LENGTH, **plan.pipeline_kwargs(), **prompt_kw)
-  if mesh_shape is None:
-    out = pipe(**call)
-  else:
-    from helios_jax.parallel.mesh import make_mesh
-    from helios_jax.parallel.sampling import on_mesh
-    with on_mesh(pipe, make_mesh(mesh_shape)):
-      out = pipe(**call)
-  frames = out.frames[0]
-
-  t0 = time.perf_counter()
-  media.write_video(out_path, frames, fps=media.DEFAULT_FPS)
-  if sheet_path:
-    media.write_contact_sheet(sheet_path, frames)
-  timings["write"] = time.perf_counter() - t0
-
-  t = out.timings
-  chunks = t.get("chunks", [])
-  n = frames.shape[0]
-  gen = t.get("total", sum(chunks))
-  print(f"wrote {out_path}: {n} frames, {frames.shape[2]}x{frames.shape[1]}, {media.DEFAULT_FPS} fps "
-        f"({n / media.DEFAULT_FPS:.1f} s of video)")
-  if sheet_path:
-    print(f"wrote {sheet_path}")
-  steady = ""
-  if len(chunks) > 1:
-    mean_rest = sum(chunks[1:]) / (len(chunks) - 1)
-    steady = f"; after the first chunk {plan.window / mean_rest:.2f} frames/s ({mean_rest:.2f} s per chunk)"
-  print(f"timings: load {timings['load']:.1f} s"
-        + (f", text encoder {timings['text encoder']:.1f} s" if timings["text encoder"] else "")
-        + f", text {t.get('text', 0.0):.2f} s, {len(chunks)} chunk{'s' if len(chunks) != 1 else ''} "
-        f"(first {chunks[0] if chunks else 0.0:.2f} s incl. compilation), decode {t.get('decode', 0.0):.2f} s, "
-        f"generation {gen:.1f} s, write {timings['write']:.1f} s")
-  print(f"speed: {n / gen:.2f} frames/s end to end (generation incl. compilation){steady}")
+  base = dict(image=inputs.get("image"), video=inputs.get("video"), max_sequence_length=MAX_SEQUENCE_LENGTH,
+              **plan.pipeline_kwargs())
+  done = 0
+  with contextlib.ExitStack() as scope:
+    if mesh_shape is not None:
+      from helios_jax.parallel.mesh import make_mesh
+      from helios_jax.parallel.sampling import on_mesh
+      scope.enter_context(on_mesh(pipe, make_mesh(mesh_shape)))
+    for i, job in enumerate(jobs):
+      call = dict(base, seed=job.seed, **prompt_args(job))
+      if job.schedule is not None and args.num_frames is None:
+        call["num_frames"] = None  # the schedule's length
+      print(_describe(args, plan, job, f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else ""), flush=True)
+      try:
+        stats = _make_video(pipe, call, job, plan, args.fps, on_chunk)
+      except KeyboardInterrupt:
+        kept = f"; the {done} finished video{'s' if done != 1 else ''} before it {'are' if done != 1 else 'is'} kept"
+        raise KeyboardInterrupt(f"interrupted; {job.out} was not written" + (kept if done else "")) from None
+      _print_summary(job, stats, plan, args.fps, load_s if i == 0 else 0.0,
+                     prompt_args.encode_s if i == 0 else 0.0)
+      done += 1
   return 0
 
 
-def main(argv=None) -> int:
-  """Runs the command line; returns the exit status (0 ok, 2 user mistake, 130 interrupted)."""
+def main(argv: Sequence[str] | None = None, on_chunk: ChunkHook | None = None) -> int:
+  """Runs the command line; returns the exit status (0 ok, 2 user mistake, 130 interrupted).
+
+  ``on_chunk(job, chunk)``, if given, sees every :class:`~helios_jax.pipelines.StreamChunk` as it arrives (before
+  it is written), with the :class:`Job` (output path, seed, prompt) it belongs to.
+  """
   try:
-    return _run(argv)
+    return _run(argv, on_chunk)
   except HeliosError as e:
     msg = " ".join(str(e).split())
     print(f"error: {msg}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
-    print("error: interrupted; no output was written", file=sys.stderr)
+  except KeyboardInterrupt as e:
+    print(f"error: {e.args[0] if e.args else 'interrupted; no output was written'}", file=sys.stderr)
     return 130
+  except SystemExit as e:  # --help, --version
+    return e.code if isinstance(e.code, int) else 0
 
 
 if __name__ == "__main__":
