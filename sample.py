@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{OFFICIAL_INTERPOLATE_TIME}, as the official script)")
   prompts.add_argument("--interpolation-steps", type=int, metavar="CHUNKS",
                        help="--interactive-prompts: chunks over which each new prompt is blended in, inside its own "
-                            f"--interpolate-time (default: {OFFICIAL_INTERPOLATION_STEPS}, as the official script)")
+                            "--interpolate-time, with weights linspace(0, 1, N) as the official script (so its first "
+                            "chunk is still the previous prompt; 0 switches at once) (default: "
+                            f"{OFFICIAL_INTERPOLATION_STEPS})")
   p.add_argument("--image", help="I2V: the first frame (any image file Pillow reads)")
   p.add_argument("--video", help="V2V: the video to continue (any file FFmpeg reads; >= 33 frames)")
   p.add_argument("--num-frames", type=int, help="frames to generate (rounded up to 33-frame chunks, then trimmed to "
