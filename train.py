@@ -2,11 +2,14 @@
 
   python train.py --config configs/base.py:tiny --workdir /tmp/run [--config.total_steps=100 ...]
 
-Resumes automatically from the latest checkpoint in --workdir; Ctrl-C or SIGTERM saves and exits.
+Resumes automatically from the latest checkpoint in --workdir; Ctrl-C or SIGTERM saves and exits with status 130
+or 143 (a second Ctrl-C exits at once, without saving).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -33,8 +36,17 @@ def main(argv):
     return 1
   last = out["losses"][-1] if out["losses"] else float("nan")
   how = f" (stopped by {out['stopped_by']})" if out["stopped_by"] else ""
+  workdir = flags.FLAGS.workdir
   print(f"steps {out['start_step']} -> {out['final_step']}{how}; last loss {last:.5f}; "
         f"trainable parameters {out['num_trainable']:,}")
+  samples = os.path.join(workdir, "samples")
+  if os.path.isdir(samples):
+    print(f"validation samples: {samples}")
+  if out["stopped_by"]:
+    print(f"checkpoint of step {out['final_step']} saved in {workdir}; run the same command to resume",
+          file=sys.stderr)
+    # the shell's convention for a process ended by a signal: 128 + its number (130 Ctrl-C, 143 SIGTERM)
+    return 128 + int(getattr(signal, out["stopped_by"]))
   return 0
 
 

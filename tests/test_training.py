@@ -349,3 +349,25 @@ def test_learning_rate_schedules():
   optim.schedule = "cosine"
   with pytest.raises(InputError, match="warmup_stable_decay"):
     state_lib.learning_rate_schedule(optim)
+
+
+def test_train_py_exit_status_after_signal(tmp_path):
+  """train.py stopped by SIGTERM saves, says how to resume and exits 143 (128 + SIGTERM), not 0."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = str(tmp_path / "run")
+  proc = subprocess.Popen([sys.executable, os.path.join(root, "train.py"), "--config", "configs/base.py:tiny",
+                           "--workdir", workdir, "--config.total_steps=100000", "--noprogress"], cwd=root,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics_path) and len(open(metrics_path).readlines()) >= 3:
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.communicate()
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, (out, err)
+  assert "stopped by SIGTERM" in out and "run the same command to resume" in err
