@@ -69,6 +69,36 @@ def stream_run(pipe, call: dict, frames: int, prefetch: int) -> dict:
   return summarise(ready, counts)
 
 
+def rss_gib() -> float:
+  """This process's resident host memory (Linux /proc), GiB."""
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def device_gib() -> float:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_in_use", 0) / 2**30
+
+
+def long_run(pipe, call: dict, chunks: int) -> dict:
+  """A minute-long stream (``chunks`` chunks): device memory in use and host RSS after every chunk, frames consumed
+  as they arrive (JPEG-encoded, as the server does, then dropped)."""
+  from helios_jax.serving.protocol import encode_jpeg
+  s = pipe.stream(num_frames=chunks * 33, **call)
+  ready, counts, dev, rss = [], [], [], []
+  for chunk in s:
+    encode_jpeg(chunk.frames)
+    ready.append(chunk.timings["ready_s"])
+    counts.append(int(chunk.frames.shape[0]))
+    dev.append(round(device_gib(), 3))
+    rss.append(round(rss_gib(), 3))
+  out = summarise(ready, counts)
+  k = min(5, len(dev) - 1)
+  out.update(device_gib_per_chunk=dev, rss_gib_per_chunk=rss, device_growth_gib_after_chunk5=round(dev[-1] - dev[k], 3),
+             rss_growth_gib_after_chunk5=round(rss[-1] - rss[k], 3))
+  return out
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -84,6 +114,8 @@ def main():
   p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
   p.add_argument("--no-server", action="store_true", help="skip the server measurement")
   p.add_argument("--repeats", type=int, default=2, help="measured runs of each variant (the best is kept)")
+  p.add_argument("--long-chunks", type=int, default=44,
+                 help="chunks of the minute-long memory run at the first setting (44 = 1452 frames = 60 s; 0: skip)")
   p.add_argument("--tag", default="")
   p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
   a = p.parse_args()
@@ -118,6 +150,8 @@ def main():
     if server is not None:
       server.run(steps, amp, 33)  # warm the server path (JPEG encoder, socket)
       rec["server"] = max((server.run(steps, amp, frames) for _ in range(a.repeats)), key=lambda r: r["e2e_fps"])
+    if a.long_chunks and setting == a.settings[0]:
+      rec["long"] = long_run(pipe, call, a.long_chunks)
     rec["peak_gib"] = round(peak_gib(), 1)
     b = rec["batch"]["fps"]
     for key in ("stream_prefetch0", "stream_prefetch1", "server"):

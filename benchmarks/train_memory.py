@@ -12,7 +12,8 @@ and the AdamW state likewise, compiles the one jitted train step, runs it a few 
   ``compiled.memory_analysis()``).
 
 Each stage runs in its own process (so one stage's peak is not the other's) and one JSON line per stage is
-appended to ``OUT/train_memory.jsonl`` (``$OUT`` if set, else ``benchmarks/results``) and printed.
+appended to ``OUT/train_memory.jsonl`` (``--out``, else ``$OUT``, else ``benchmarks/results``; dry runs with ``--arch tiny``
+write to a temporary folder instead) and printed.
 
     python benchmarks/train_memory.py                       # 14B, both stages, on a GPU
     python benchmarks/train_memory.py --arch tiny --steps 1  # the same code path as a CPU dry run (seconds)
@@ -35,6 +36,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,11 +176,16 @@ def main():
   p.add_argument("--dtype", default="", choices=["", "bfloat16", "float32"], help="frozen base dtype override")
   p.add_argument("--layers", type=int, default=0, help="override the number of blocks (0 = the config's)")
   p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
-  p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
+  p.add_argument("--out", default=os.environ.get("OUT"),
+                 help="folder of train_memory.jsonl (default: $OUT, else benchmarks/results for the 14B arch and a "
+                      "temporary folder for dry runs, which never touch the recorded results)")
   p.add_argument("--abstract", action="store_true",
                  help="compile with abstract inputs and record memory_analysis only (no allocation, no steps)")
   p.add_argument("--in-process", action="store_true", help="run the stages in this process (no subprocess)")
   a = p.parse_args()
+  if a.out is None:
+    a.out = os.path.join(ROOT, "benchmarks", "results") if a.arch != "tiny" else os.path.join(
+        tempfile.gettempdir(), "helios_jax_train_memory")
   os.makedirs(a.out, exist_ok=True)
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
   if len(a.stages) > 1 and not a.in_process:
@@ -198,6 +205,7 @@ def main():
     print(json.dumps(rec), flush=True)
     with open(path, "a", encoding="utf-8") as f:
       f.write(json.dumps(rec) + "\n")
+    print(f"appended to {path}", flush=True)
     if "error" in rec:
       sys.exit(1)
 

@@ -233,11 +233,16 @@ def test_validation_pyramid_pipeline(tmp_path):
 
 @pytest.mark.slow
 def test_train_memory_benchmark_dry_run(tmp_path):
-  """benchmarks/train_memory.py --arch tiny: the 14B benchmark's code path on the CPU, one JSON record."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", OUT=str(tmp_path))
+  """benchmarks/train_memory.py --arch tiny: the 14B benchmark's code path on the CPU, one JSON record, written to a
+  temporary folder (not the recorded benchmarks/results) when no --out or $OUT is given."""
+  env = {k: v for k, v in os.environ.items() if k != "OUT"}
+  env.update(JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path))
+  recorded = os.path.join(ROOT, "benchmarks", "results", "train_memory.jsonl")
+  before = open(recorded, "rb").read() if os.path.exists(recorded) else None
   subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_memory.py"), "--arch", "tiny",
                   "--stages", "base", "--steps", "1"], check=True, env=env, cwd=ROOT, timeout=900)
-  recs = [json.loads(line) for line in open(tmp_path / "train_memory.jsonl")]
+  assert (open(recorded, "rb").read() if os.path.exists(recorded) else None) == before
+  recs = [json.loads(line) for line in open(tmp_path / "helios_jax_train_memory" / "train_memory.jsonl")]
   assert len(recs) == 1 and "error" not in recs[0]
   r = recs[0]
   assert r["kind"] == "train_memory" and r["stage"] == "base" and r["peak_gib"] is None
