@@ -332,11 +332,11 @@ class Job:
   """One video to make.
 
   Attributes:
-    out: the mp4 (absolute path); sheet: its contact sheet or None.
+    out: the mp4 (made absolute by the writability check); sheet: its contact sheet or None.
     seed: the video's seed.
     prompt: its prompt text (None with --prompt-embeds or a schedule).
     schedule: its interactive prompt schedule (--interactive-prompts), else None.
-    label: what the video is in messages ("" for a single video, "line 3" / "id 7" from a file).
+    label: what the video is in messages ("" for a single video, "prompt 3" / "id 7" from a file).
   """
 
   out: str
