@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
-import httpx
 import numpy as np
 import PIL.Image
 import pytest
@@ -55,8 +57,16 @@ def server(tmp_path_factory):
     yield srv
 
 
-def http() -> httpx.Client:
-  return httpx.Client(trust_env=False, timeout=30.0)  # loopback only: no proxy from the environment
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only: no proxy from the environment
+
+
+def get(url: str) -> tuple[int, bytes, str]:
+  """(status, body, content type) of a GET."""
+  try:
+    with _OPENER.open(url, timeout=30) as r:
+      return r.status, r.read(), r.headers.get("content-type", "")
+  except urllib.error.HTTPError as e:
+    return e.code, e.read(), e.headers.get("content-type", "")
 
 
 def connect(server) -> StreamClient:
@@ -84,22 +94,24 @@ def expect_error(client: StreamClient, code: str, timeout: float = 30.0):
 
 
 def test_page_info_and_files(server):
-  with http() as h:
-    page = h.get(server.url + "/")
-    assert page.status_code == 200 and "<canvas" in page.text and "/static/app.js" in page.text
-    assert "http://" not in page.text and "https://" not in page.text  # nothing from elsewhere
-    for name in ("app.js", "style.css"):
-      assert h.get(f"{server.url}/static/{name}").status_code == 200
-    info = h.get(server.url + "/api/info").json()
-    assert info["demo"] and info["fps"] == 24 and (info["width"], info["height"]) == (64, 64)
-    assert info["frames_per_chunk"] == 33 and info["modes"] == ["t2v", "i2v", "v2v"]
-    assert info["defaults"]["steps"] == [2] and info["defaults"]["prompts"]["t2v"] == PROMPT
-    assert info["limits"]["max_upload_bytes"] == int(MAX_UPLOAD_MB * 2 ** 20) and info["limits"]["max_frames"] == 330
-    start = h.get(server.url + info["defaults"]["start_image_url"])
-    assert start.status_code == 200 and PIL.Image.open(io.BytesIO(start.content)).size == (128, 128)
-    assert h.get(server.url + "/videos/0123456789ab.mp4").status_code == 404
-    assert h.get(server.url + "/videos/..%2F..%2Fetc%2Fpasswd").status_code == 404
-    assert h.get(server.url + "/inputs/README.md").status_code == 404
+  status, body, kind = get(server.url + "/")
+  page = body.decode()
+  assert status == 200 and kind.startswith("text/html") and "<canvas" in page and "/static/app.js" in page
+  for name in ("app.js", "style.css"):
+    status, body, _ = get(f"{server.url}/static/{name}")
+    assert status == 200 and b"http://" not in body and b"https://" not in body  # nothing loaded from elsewhere
+  assert "http://" not in page and "https://" not in page
+  status, body, kind = get(server.url + "/api/info")
+  info = json.loads(body)
+  assert info["demo"] and info["fps"] == 24 and (info["width"], info["height"]) == (64, 64)
+  assert info["frames_per_chunk"] == 33 and info["modes"] == ["t2v", "i2v", "v2v"]
+  assert info["defaults"]["steps"] == [2] and info["defaults"]["prompts"]["t2v"] == PROMPT
+  assert info["limits"]["max_upload_bytes"] == int(MAX_UPLOAD_MB * 2 ** 20) and info["limits"]["max_frames"] == 330
+  status, body, _ = get(server.url + info["defaults"]["start_image_url"])
+  assert status == 200 and PIL.Image.open(io.BytesIO(body)).size == (128, 128)
+  assert get(server.url + "/videos/0123456789ab.mp4")[0] == 404
+  assert get(server.url + "/videos/..%2F..%2Fetc%2Fpasswd")[0] == 404
+  assert get(server.url + "/inputs/README.md")[0] == 404
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -298,13 +310,12 @@ def test_serve_py_starts_and_stops():
       assert line, proc.stderr.read()
       m = re.match(r"open (http://127\.0\.0\.1:\d+) ", line)
       url = m and m.group(1)
-    with http() as h:
-      for _ in range(100):
-        try:
-          info = h.get(url + "/api/info").json()
-          break
-        except httpx.TransportError:
-          time.sleep(0.1)
+    for _ in range(100):
+      try:
+        info = json.loads(get(url + "/api/info")[1])
+        break
+      except urllib.error.URLError:
+        time.sleep(0.1)
     assert info["demo"] and info["width"] == 64 and info["defaults"]["guidance"] == 1.0
   finally:
     proc.send_signal(signal.SIGINT)
