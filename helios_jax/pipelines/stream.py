@@ -1,9 +1,9 @@
 """Chunk-by-chunk generation: :class:`HeliosStream`, what ``pipe.stream(...)`` returns.
 
-The stream runs the pipelines' one chunk loop (``HeliosPipelineBase._chunk_latents``; no second sampler) and
-turns each chunk into uint8 frames on the device. It keeps ``prefetch`` chunks in flight: chunk k + 1's denoising
-is dispatched before chunk k's frames are fetched, so with JAX's asynchronous dispatch the device runs chunk k's
-VAE decode and chunk k + 1's transformer back to back while the host waits for (and hands out) chunk k.
+The stream runs the pipelines' one chunk loop (``HeliosPipelineBase._chunk_latents``; no second sampler) on a
+dispatch thread and turns each chunk into uint8 frames on the device. It keeps ``prefetch`` chunks in flight:
+chunk k + 1's denoising is dispatched while chunk k's frames are fetched, so with JAX's asynchronous dispatch the
+device runs chunk k's VAE decode and chunk k + 1's transformer back to back while the caller gets chunk k.
 
 Prompt changes (:meth:`HeliosStream.set_prompt`) and :meth:`HeliosStream.stop` may come from any thread; the
 chunk loop takes them up when it starts its next chunk.
@@ -11,8 +11,8 @@ chunk loop takes them up when it starts its next chunk.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import queue
 import threading
 import time
 from typing import Any
@@ -54,18 +54,32 @@ def _to_uint8_frames(unit: jax.Array) -> jax.Array:
   return jnp.transpose(jnp.round(unit[0] * 255.0), (1, 2, 3, 0)).astype(jnp.uint8)
 
 
+_END = object()  # the dispatch thread's last item
+
+
 class HeliosStream:
-  """Iterator of :class:`StreamChunk`; made by ``pipe.stream(...)`` (see there for the arguments)."""
+  """Iterator of :class:`StreamChunk`; made by ``pipe.stream(...)`` (see there for the arguments).
+
+  A dispatch thread runs the chunk loop (started by the first ``next()``): it dispatches chunk k (denoise, decode,
+  uint8 conversion, host copy started) and goes on to chunk k + 1 while the caller's thread waits for chunk k's
+  frames. Dispatching can itself block once many programs are queued on the device, which is why it has a thread
+  of its own: the caller gets each chunk as soon as its frames are on the host. While the caller holds chunk k,
+  at most chunks k + 1 .. k + ``prefetch`` have been started, so a prompt change made then applies from chunk
+  k + prefetch + 1 at the latest (exactly there with ``prefetch=0``; chunks report it in ``prompt["request_ids"]``).
+  """
 
   def __init__(self, pipe, run, prefetch: int = 1):
     self._pipe = pipe
     self._run = run
     self._chunks = pipe._chunk_latents(run)
     self._prefetch = int(prefetch)
-    self._pending: collections.deque = collections.deque()
+    self._slots = threading.Semaphore(self._prefetch + 1)  # chunks started and not yet handed past by the caller
+    self._held = False  # the caller holds a chunk whose slot is released at the next next()
+    self._queue: queue.Queue = queue.Queue()
+    self._worker: threading.Thread | None = None
     self._stop = threading.Event()
     self._closed = False
-    self._exhausted = False
+    self._ended = False
     self._t0 = time.perf_counter()
     self._last_ready = 0.0
     self.fps = DEFAULT_FPS
@@ -78,29 +92,28 @@ class HeliosStream:
 
   @property
   def closed(self) -> bool:
-    return self._closed or self._stop.is_set()
+    return self._closed or self._ended or self._stop.is_set()
 
   def set_prompt(self, prompt: str | None = None, *, prompt_embeds=None, blend_chunks: int | None = None) -> int:
     """Changes the prompt from the next chunk the stream starts, blended over ``blend_chunks`` chunks (None: the
     stream's ``interpolation_steps``; 0 or 1: at once). Returns the request id that chunks report in
     ``chunk.prompt["request_ids"]``. ``prompt_embeds``: (1, L, D) or (L, D), instead of a string."""
-    if self.closed or self._exhausted:
+    if self.closed:
       raise StreamClosedError("the stream has ended: start a new one to change the prompt")
     return self._run.prompts.request(prompt, prompt_embeds, blend_chunks)
 
   def stop(self) -> None:
-    """Starts no new chunk; the chunks already dispatched are still yielded, then the iteration ends."""
+    """Starts no new chunk; the chunks already started are still yielded, then the iteration ends."""
     self._stop.set()
 
   def close(self) -> None:
-    """Ends the stream at once and drops the chunks in flight."""
+    """Ends the stream at once and drops the chunks in flight (the dispatch thread ends after its current
+    chunk)."""
     self._stop.set()
     self._closed = True
-    self._pending.clear()
-    try:
+    self._slots.release()  # wakes a dispatch thread waiting for a slot
+    if self._worker is None:
       self._chunks.close()
-    except ValueError:  # closed from another thread while that one runs the loop: it ends at its next chunk
-      pass
 
   def __enter__(self) -> "HeliosStream":
     return self
@@ -109,38 +122,66 @@ class HeliosStream:
     self.close()
 
   # ------------------------------------------------------------------------------------------------------------------
+  # The dispatch thread
+
+  def _dispatch_loop(self) -> None:
+    run = self._run
+    try:
+      while not self._stop.is_set():
+        if not self._slots.acquire(timeout=0.05):
+          continue
+        if self._stop.is_set():
+          break
+        try:
+          k, x, info = next(self._chunks)
+        except StopIteration:
+          break
+        frames = _to_uint8_frames(self._pipe._decode_unit(x))
+        first = k * run.window
+        if run.total_frames is not None and first + run.window > run.total_frames:
+          frames = frames[:run.total_frames - first]
+        try:
+          frames.copy_to_host_async()
+        except AttributeError:  # not a jax.Array (never on JAX >= 0.4.1); np.asarray below copies then
+          pass
+        self._queue.put((k, frames, first, info))
+    except BaseException as e:  # noqa: BLE001  (handed to the caller's thread, raised there)
+      self._queue.put(e)
+    finally:
+      self._chunks.close()
+      self._queue.put(_END)
+
+  # ------------------------------------------------------------------------------------------------------------------
   # Iteration
 
   def __iter__(self) -> "HeliosStream":
     return self
 
-  def _dispatch(self) -> bool:
-    """Starts the next chunk (denoise + decode + uint8 conversion, all dispatched); False when there is none."""
-    if self._exhausted or self._stop.is_set():
-      return False
-    try:
-      k, x, info = next(self._chunks)
-    except StopIteration:
-      self._exhausted = True
-      return False
-    run = self._run
-    frames = _to_uint8_frames(self._pipe._decode_unit(x))
-    first = k * run.window
-    if run.total_frames is not None and first + run.window > run.total_frames:
-      frames = frames[:run.total_frames - first]
-    self._pending.append((k, frames, first, info))
-    return True
-
   def __next__(self) -> StreamChunk:
-    if self._closed:
+    if self._closed or self._ended:
       raise StopIteration
-    while len(self._pending) <= self._prefetch and self._dispatch():
-      pass
-    if not self._pending:
-      self._exhausted = True
+    if self._held:
+      self._held = False
+      self._slots.release()
+    if self._worker is None:
+      self._worker = threading.Thread(target=self._dispatch_loop, name="helios-stream", daemon=True)
+      self._worker.start()
+    while True:
+      try:
+        item = self._queue.get(timeout=0.1)
+        break
+      except queue.Empty:
+        if self._closed:
+          raise StopIteration from None
+    if item is _END or self._closed:
+      self._ended = True
       raise StopIteration
-    k, frames, first, info = self._pending.popleft()
-    host = np.asarray(frames)  # waits for this chunk only; the next one is already queued on the device
+    if isinstance(item, BaseException):
+      self._ended = True
+      raise item
+    k, frames, first, info = item
+    host = np.asarray(frames)  # this chunk only: the dispatch thread is already on the next one
+    self._held = True
     ready = time.perf_counter() - self._t0
     timings = {"ready_s": ready, "interval_s": ready - self._last_ready, "steps": self._run.steps_per_chunk(k)}
     self._last_ready = ready
