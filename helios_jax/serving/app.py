@@ -145,6 +145,8 @@ class Connection:
     if self.engine.busy:
       raise busy
     request = await asyncio.get_running_loop().run_in_executor(None, self.engine.prepare, msg)
+    if self.closed:  # the client left while its upload was decoded
+      return
     session = StreamSession(self.engine, request, self.store, self.post, t_request)
     if not self.engine.claim(session):
       raise busy

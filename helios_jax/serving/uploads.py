@@ -36,6 +36,8 @@ def payload_bytes(text: str, what: str, max_bytes: int) -> bytes:
     head, sep, text = text.partition(",")
     if not sep or not head.endswith(";base64"):
       raise ProtocolError(code, f"the {what} data URL must be base64-encoded (data:<type>;base64,...)")
+  if any(c in text for c in "\r\n\t "):  # line-wrapped (MIME-style) base64
+    text = "".join(text.split())
   approx = len(text) * 3 // 4
   if approx > max_bytes + 2:
     raise ProtocolError(Code.UPLOAD_TOO_LARGE, f"the {what} is {_mb(approx)}; this server takes uploads up to "

@@ -21,6 +21,7 @@
       total: started.num_chunks ? Math.min(started.num_chunks * started.frames_per_chunk,
                                            started.num_frames || Infinity) : null,
       frames: new Map(),          // index -> {blob, bitmap, decoding}
+      prompts: new Map(),         // first frame of a chunk -> its prompt (shown when playback reaches it)
       chunk: null, chunkFrame: 0,   // the chunk whose binary frames are arriving, and how many have come
       received: 0, chunks: 0, next: 0, drawn: 0, nextDue: 0, buffering: true, generating: true, done: null,
       clickedAt: page.startClickedAt, firstDrawAt: null, serverTtff: null,
@@ -99,8 +100,7 @@
       $("gen-fps").textContent = `${fmt(g, 1)} fps overall` + (c ? ` \u00b7 last chunk ${fmt(c, 1)} fps` : "") +
         (g ? ` (${fmt(g / stream.fps, 2)}\u00d7 real time)` : "");
       $("chunks").textContent = stream.chunks + (stream.total ? ` / ${Math.ceil(stream.total / stream.perChunk)}` : "");
-      const p = ev.prompt;
-      $("prompt-now").textContent = `${p.text ?? "(embeddings)"}` + (p.weight < 1 ? ` (blend ${fmt(p.weight * 100, 0)}%)` : "");
+      stream.prompts.set(ev.first_frame, ev.prompt);
       log(`chunk ${ev.index}: frames ${ev.first_frame}\u2013${ev.first_frame + ev.num_frames - 1}, ` +
           `${fmt(ev.timings.interval_s, 2)} s`);
     },
@@ -208,6 +208,11 @@
     $("screen").getContext("2d").drawImage(f.bitmap, 0, 0, $("screen").width, $("screen").height);
     f.bitmap.close();
     s.frames.delete(s.next);
+    const p = s.prompts.get(s.next);
+    if (p) {   // playback enters a chunk: show the prompt it was made with
+      $("prompt-now").textContent = `${p.text ?? "(embeddings)"}` + (p.weight < 1 ? ` (blend ${fmt(p.weight * 100, 0)}%)` : "");
+      s.prompts.delete(s.next);
+    }
     s.next += 1; s.drawn += 1;
     if (s.firstDrawAt === null) {
       s.firstDrawAt = now;
