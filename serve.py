@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--keep-videos", type=int, default=d.keep_videos,
                  help=f"finished mp4s kept in --video-dir; older ones are deleted (default {d.keep_videos})")
   p.add_argument("--warmup", action="store_true",
-                 help="compile the sampler before serving (streams two chunks and discards them), so the first "
-                      "client does not wait for compilation")
+                 help="compile before serving (streams two t2v chunks and one i2v and v2v chunk from grey inputs, "
+                      "discarded), so the first client does not wait for compilation")
   p.add_argument("--compile-cache", metavar="DIR|none",
                  help="JAX's persistent compilation cache, as in sample.py (default: $HELIOS_JAX_COMPILE_CACHE, "
                       "else ~/.cache/helios_jax/xla; 'none' turns it off)")
@@ -93,7 +93,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 def _run(argv) -> int:
   args = build_parser().parse_args(argv)
   settings = settings_from_args(args)
-  logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")  # JAX's INFO lines stay quiet
+  logging.getLogger("helios_jax.serving").setLevel(args.log_level.upper())
   import sample  # the compile-cache helper sample.py's --compile-cache uses
   sample._enable_compile_cache(args.compile_cache)
   from helios_jax.serving.server import bind, uvicorn_server, url_of

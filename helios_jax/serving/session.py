@@ -148,8 +148,11 @@ class StreamSession:
                  expected_chunk=expected, id=msg.id)
 
   def _expected_chunk(self, stream) -> int | None:
-    """The first chunk the pipeline has not dispatched yet (``prefetch`` chunks run ahead of the one handed out),
-    None when the stream ends before it. An estimate: ``prompt_applied`` reports the real chunk."""
+    """The chunk a change made now applies from at the latest, None when the stream ends before it.
+
+    While the pipeline's caller holds chunk k, chunks up to k + ``prefetch`` may have been started; while it waits
+    in ``next()`` for chunk k + 1, up to k + 1 + ``prefetch``; before the first ``next()``, none. ``prompt_applied``
+    reports the real chunk (earlier when the pipeline has not run that far ahead)."""
     prefetch = self.engine.settings.prefetch
     if self._last_index < 0 and not self._waiting:
       k = 0
