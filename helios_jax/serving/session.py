@@ -195,42 +195,18 @@ class StreamSession:
       self._ended.set()
 
   def _generate(self) -> None:
-    req = self.request
-    try:
-      stream = self.engine.open_stream(req)
-    except HeliosError as e:
-      self.engine.release(self)
-      self._send(error_event(Code.BAD_INPUT, _sentence(e), id=req.id, fatal=True))
+    stream = self._open()
+    if stream is None:
       return
-    except Exception:
-      logger.exception("pipe.stream failed for stream %s", self.id)
-      self.engine.release(self)
-      self._send(error_event(Code.INTERNAL, INTERNAL_MESSAGE, id=req.id, fatal=True))
-      return
-    with self._lock:
-      self._stream = stream
-    if self._stop_requested:
-      stream.stop()
-    plan = self.engine.plan
-    self._send(event("started", stream_id=self.id, mode=req.mode, prompt=req.prompt,
-                     negative_prompt=req.negative_prompt, fps=stream.fps, width=stream.width, height=stream.height,
-                     frames_per_chunk=stream.frames_per_chunk, num_chunks=stream.num_chunks,
-                     num_frames=req.num_frames, endless=req.endless, seed=req.seed, steps=list(plan.steps),
-                     guidance=plan.guidance, blend_chunks=req.blend_chunks, id=req.id))
     recorder = self._store.recorder(self.id, stream.fps)
     encoder = FrameEncoder(lambda messages: self._send(*messages), self.engine.settings.jpeg_quality)
-    frames = chunks = first_frames = 0
-    first_s = last_s = None
+    progress = _Progress()
     failure = None
     try:
       for chunk in self._chunks(stream):
-        last_s = time.perf_counter() - self._t_request
-        first_s = last_s if first_s is None else first_s
-        frames += len(chunk.frames)
-        chunks += 1
-        first_frames = first_frames or len(chunk.frames)
+        progress.add(chunk, time.perf_counter() - self._t_request)
         recorder.add(chunk.frames)
-        encoder.put(*self._chunk_events(chunk, frames, last_s))
+        encoder.put(*self._chunk_events(chunk, progress))
     except HeliosError as e:
       failure = (Code.BAD_INPUT, _sentence(e))
     except Exception:
@@ -238,7 +214,7 @@ class StreamSession:
       failure = (Code.INTERNAL, INTERNAL_MESSAGE)
     finally:
       stream.close()
-      self.engine.release(self)
+      self.engine.release(self)  # the device is free before the last frames are encoded and "done" is sent
     if self._cancelled.is_set():
       encoder.abort()
       recorder.abort()
@@ -248,24 +224,58 @@ class StreamSession:
       recorder.abort()
       self._send(error_event(*failure, fatal=True))
       return
-    url = None
+    self._send(self._done_event(stream, progress, self._publish(recorder)))
+
+  def _open(self):
+    """``pipe.stream(...)`` for the request and the ``started`` event; None (after a fatal error event) when the
+    pipeline refuses it."""
+    req = self.request
+    try:
+      stream = self.engine.open_stream(req)
+    except Exception as e:
+      if isinstance(e, HeliosError):
+        code, message = Code.BAD_INPUT, _sentence(e)
+      else:
+        logger.exception("pipe.stream failed for stream %s", self.id)
+        code, message = Code.INTERNAL, INTERNAL_MESSAGE
+      self.engine.release(self)
+      self._send(error_event(code, message, id=req.id, fatal=True))
+      return None
+    with self._lock:
+      self._stream = stream
+    if self._stop_requested:  # "stop" came while the stream was being opened
+      stream.stop()
+    plan = self.engine.plan
+    self._send(event("started", stream_id=self.id, mode=req.mode, prompt=req.prompt,
+                     negative_prompt=req.negative_prompt, fps=stream.fps, width=stream.width, height=stream.height,
+                     frames_per_chunk=stream.frames_per_chunk, num_chunks=stream.num_chunks,
+                     num_frames=req.num_frames, endless=req.endless, seed=req.seed, steps=list(plan.steps),
+                     guidance=plan.guidance, blend_chunks=req.blend_chunks, id=req.id))
+    return stream
+
+  def _publish(self, recorder) -> str | None:
+    """Waits for the mp4; returns its URL (None without frames, or after a ``video_write`` error event)."""
     try:
       path = recorder.finish()
-      if path is not None:
-        url = self._store.url(path)
-        self._store.prune()
     except Exception as e:
       logger.exception("stream %s: the mp4 could not be written", self.id)
       self._send(error_event(Code.VIDEO_WRITE, f"the video file could not be written ({_sentence(e)})"))
-    finished = req.num_frames is not None and stream.num_chunks is not None and chunks >= stream.num_chunks
-    reason = ("frame_limit" if req.endless else "finished") if finished else "stopped"
-    steady = None
-    if chunks > 1 and last_s > first_s:
-      steady = (frames - first_frames) / (last_s - first_s)
-    self._send(event("done", stream_id=self.id, reason=reason, frames=frames, chunks=chunks, video_url=url,
-                     time_to_first_frame_s=first_s, generation_fps=frames / last_s if last_s else None,
-                     steady_fps=steady, elapsed_s=time.perf_counter() - self._t_request,
-                     unapplied_request_ids=[r for r in self._accepted if r not in self._applied]))
+      return None
+    if path is None:
+      return None
+    self._store.prune()
+    return self._store.url(path)
+
+  def _done_event(self, stream, p: "_Progress", url: str | None) -> str:
+    req = self.request
+    finished = req.num_frames is not None and stream.num_chunks is not None and p.chunks >= stream.num_chunks
+    with self._lock:
+      unapplied = [r for r in self._accepted if r not in self._applied]
+    return event("done", stream_id=self.id,
+                 reason=("frame_limit" if req.endless else "finished") if finished else "stopped",
+                 frames=p.frames, chunks=p.chunks, video_url=url, time_to_first_frame_s=p.first_s,
+                 generation_fps=p.frames / p.last_s if p.last_s else None, steady_fps=p.steady_fps(),
+                 elapsed_s=time.perf_counter() - self._t_request, unapplied_request_ids=unapplied)
 
   def _chunks(self, stream):
     """Iterates ``stream``, tracking which chunk is awaited (for :meth:`_expected_chunk`); ends on cancel."""
@@ -286,18 +296,42 @@ class StreamSession:
         return
       yield chunk
 
-  def _chunk_events(self, chunk, frames_so_far: int, elapsed: float) -> tuple[str, np.ndarray, list[str]]:
+  def _chunk_events(self, chunk, progress: "_Progress") -> tuple[str, np.ndarray, list[str]]:
     """The ``chunk`` event of ``chunk``, its frames, and a ``prompt_applied`` event per request it applies."""
     t = chunk.timings
     interval = float(t.get("interval_s") or 0.0)
+    elapsed = progress.last_s
     ids = [int(r) for r in chunk.prompt.get("request_ids", ())]
-    self._applied.update(ids)
+    with self._lock:
+      self._applied.update(ids)
     head = event("chunk", index=chunk.index, first_frame=chunk.first_frame, num_frames=len(chunk.frames),
                  elapsed_s=elapsed, timings=dict(t), chunk_fps=len(chunk.frames) / interval if interval > 0 else None,
-                 generation_fps=frames_so_far / elapsed if elapsed > 0 else None,
+                 generation_fps=progress.frames / elapsed if elapsed > 0 else None,
                  prompt=dict(text=chunk.prompt.get("text"), weight=chunk.prompt.get("weight"), request_ids=ids))
     tail = [event("prompt_applied", request_id=r, chunk=chunk.index, first_frame=chunk.first_frame) for r in ids]
     return head, chunk.frames, tail
+
+
+class _Progress:
+  """Frames and chunks so far, and when (seconds since the start message) the first and the last chunk came."""
+
+  def __init__(self):
+    self.frames = self.chunks = self.first_frames = 0
+    self.first_s: float | None = None
+    self.last_s: float | None = None
+
+  def add(self, chunk, elapsed: float) -> None:
+    self.frames += len(chunk.frames)
+    self.chunks += 1
+    self.first_frames = self.first_frames or len(chunk.frames)
+    self.first_s = elapsed if self.first_s is None else self.first_s
+    self.last_s = elapsed
+
+  def steady_fps(self) -> float | None:
+    """Frames per second after the first chunk (None with one chunk)."""
+    if self.chunks < 2 or self.last_s <= self.first_s:
+      return None
+    return (self.frames - self.first_frames) / (self.last_s - self.first_s)
 
 
 def _sentence(e: BaseException) -> str:
