@@ -32,6 +32,8 @@ from helios_jax.io import media
 from helios_jax.serving.app import create_app
 from helios_jax.serving.client import ServerError, StreamClient
 from helios_jax.serving.engine import load_engine
+from helios_jax.serving.protocol import ProtocolError, event
+from helios_jax.serving.uploads import payload_bytes, read_image
 from helios_jax.serving.server import BackgroundServer
 from helios_jax.serving.settings import ServerSettings
 
@@ -289,6 +291,23 @@ def test_client_raises_server_errors(server):
     with pytest.raises(ServerError) as e:
       client.wait_for("stopping")
     assert e.value.code == "not_running"
+
+
+def test_upload_payloads():
+  png = _png()
+  assert payload_bytes("data:image/png;base64," + b64(png), "image", 2 ** 20) == png  # the page sends data URLs
+  wrapped = "\n".join(b64(png)[i:i + 76] for i in range(0, len(b64(png)), 76))  # MIME-style line breaks
+  assert payload_bytes(wrapped, "image", 2 ** 20) == png
+  for text, code in [("", "bad_image"), ("data:image/png,raw", "bad_image"), (b64(png), "upload_too_large")]:
+    with pytest.raises(ProtocolError) as e:
+      payload_bytes(text, "image", 10)
+    assert e.value.code == code
+  assert read_image(png).size == (16, 16)
+
+
+def test_events_are_strict_json():
+  text = event("chunk", fps=float("nan"), x=np.float32(0.5), n=np.int64(3), id=None)
+  assert json.loads(text) == {"type": "chunk", "fps": None, "x": 0.5, "n": 3}  # no NaN, no numpy, no null id
 
 
 # ------------------------------------------------------------------------------------------------------------------
