@@ -166,15 +166,70 @@ def main():
     server.close()
 
 
+class _NoMp4:
+  """Stands in for the server's mp4 recorder where PyAV is missing (the GPU machine: its 35 MB wheel does not fit
+  the transfer limit); with PyAV the real recorder runs (its H.264 encoding has a thread of its own)."""
+
+  def add(self, frames):
+    pass
+
+  def finish(self):
+    return None
+
+  def abort(self):
+    pass
+
+
 class ServerHarness:
-  """The streaming server (helios_jax.serving) on 127.0.0.1 in a background thread, serving ``pipe``; prompts map to
-  the fixed embeddings ``emb`` (no text encoder at 14B here)."""
+  """The streaming server (helios_jax.serving) on 127.0.0.1 in a background thread, serving ``pipe``, and one
+  WebSocket client in this process. Prompts map to the fixed embeddings ``emb`` (no 14B text encoder here)."""
 
   def __init__(self, pipe, emb, a):
-    raise NotImplementedError("filled in once helios_jax.serving lands")
+    self.pipe, self.a = pipe, a
+    pipe.text_encoder = pipe.tokenizer = "fixed embeddings"  # tells the pipeline prompts can be encoded
+    pipe.encode_prompt = lambda prompt, negative_prompt=None, do_classifier_free_guidance=True, \
+        max_sequence_length=512: (emb, emb if do_classifier_free_guidance else None)
+    try:
+      import av  # noqa: F401
+      self.mp4 = True
+    except ImportError:
+      self.mp4 = False
 
   def run(self, steps, amp, frames) -> dict:
-    raise NotImplementedError
+    from helios_jax.io.model_folder import ModelPlan
+    from helios_jax.serving.app import create_app
+    from helios_jax.serving.client import StreamClient
+    from helios_jax.serving.engine import Engine
+    from helios_jax.serving.recorder import VideoStore
+    from helios_jax.serving.server import BackgroundServer
+    from helios_jax.serving.settings import ServerSettings
+    a = self.a
+    settings = ServerSettings(max_frames=0)
+    plan = ModelPlan(pyramid=True, kind="Distilled", steps=tuple(steps), guidance=1.0, num_frames=frames,
+                     height=a.height, width=a.width, dtype="bf16", distilled=amp, text_dim=4096, temporal=4,
+                     window=33, has_text_encoder=True)
+    store = VideoStore()
+    if not self.mp4:
+      store.recorder = lambda stream_id, fps: _NoMp4()
+    engine = Engine(self.pipe, plan, settings, "helios-14b-random")
+    with BackgroundServer(create_app(engine, store), settings) as server:
+      client = StreamClient(server.ws_url, timeout=300)
+      try:
+        t0 = time.perf_counter()
+        client.start("a benchmark prompt", num_frames=frames, seed=42)
+        ready, counts, done = [], [], None
+        for ev in client.events(timeout=300):
+          if ev.type == "chunk":
+            ready.append(time.perf_counter() - t0)
+            counts.append(len(ev.frames))
+          elif ev.type == "done":
+            done = ev.data
+      finally:
+        client.close()
+    out = summarise(ready, counts)
+    out.update(mp4_written=self.mp4, server_done={k: done.get(k) for k in (
+        "time_to_first_frame_s", "generation_fps", "steady_fps", "frames")} if done else None)
+    return out
 
   def close(self) -> None:
     pass
