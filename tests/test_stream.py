@@ -290,3 +290,11 @@ def test_bad_stream_arguments(distilled, kw, pattern):
 def test_batch_call_needs_num_frames(distilled):
   with pytest.raises(InputError, match="num_frames is needed"):
     distilled(prompt=A, num_frames=None, progress=False, **dkw())
+
+
+def test_close_wait_ends_the_dispatch_thread(distilled):
+  s = distilled.stream(A, prefetch=2, **dkw())
+  next(s)
+  s.close(wait=True, timeout=120)
+  assert s.closed and not s._worker.is_alive() and s.join(0) is True
+  assert list(s) == []

@@ -77,6 +77,7 @@ class HeliosStream:
     self._held = False  # the caller holds a chunk whose slot is released at the next next()
     self._queue: queue.Queue = queue.Queue()
     self._worker: threading.Thread | None = None
+    self._last_dispatched = None  # the newest chunk's device frames (what join() waits for)
     self._stop = threading.Event()
     self._closed = False
     self._ended = False
@@ -106,14 +107,27 @@ class HeliosStream:
     """Starts no new chunk; the chunks already started are still yielded, then the iteration ends."""
     self._stop.set()
 
-  def close(self) -> None:
-    """Ends the stream at once and drops the chunks in flight (the dispatch thread ends after its current
-    chunk)."""
+  def close(self, wait: bool = False, timeout: float | None = None) -> None:
+    """Ends the stream at once and drops the chunks in flight. The dispatch thread ends after the chunk it is
+    dispatching; ``wait=True`` blocks until it has (and the device has finished that chunk), so the device is free
+    for the next user when this returns (``timeout`` seconds at most)."""
     self._stop.set()
     self._closed = True
     self._slots.release()  # wakes a dispatch thread waiting for a slot
     if self._worker is None:
       self._chunks.close()
+    elif wait:
+      self.join(timeout)
+
+  def join(self, timeout: float | None = None) -> bool:
+    """Waits until the dispatch thread has ended and the work it dispatched is done; True if it has."""
+    worker = self._worker
+    if worker is not None:
+      worker.join(timeout)
+      if worker.is_alive():
+        return False
+    jax.block_until_ready((self._run.history, self._last_dispatched))
+    return True
 
   def __enter__(self) -> "HeliosStream":
     return self
@@ -140,6 +154,7 @@ class HeliosStream:
         first = k * run.window
         if run.total_frames is not None and first + run.window > run.total_frames:
           frames = frames[:run.total_frames - first]
+        self._last_dispatched = frames
         try:
           frames.copy_to_host_async()
         except AttributeError:  # not a jax.Array (never on JAX >= 0.4.1); np.asarray below copies then

@@ -233,7 +233,7 @@ class Engine:
         for _ in stream:
           pass
       finally:
-        stream.close()
+        stream.close(wait=True)
       logger.info("warm-up %s done after %.1f s", mode, time.perf_counter() - t0)
     return time.perf_counter() - t0
 

@@ -213,7 +213,7 @@ class StreamSession:
       logger.exception("stream %s failed while generating", self.id)
       failure = (Code.INTERNAL, INTERNAL_MESSAGE)
     finally:
-      stream.close()
+      stream.close(wait=True)
       self.engine.release(self)  # the device is free before the last frames are encoded and "done" is sent
     if self._cancelled.is_set():
       encoder.abort()
