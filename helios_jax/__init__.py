@@ -33,15 +33,18 @@ _default_xla_flags()
 
 
 class _ShortPluginError(logging.Filter):
-  """jax[cuda12] on a machine without a usable GPU logs a full traceback when its CUDA plugin fails to start, then
-  runs on the CPU. Keep the information, drop the traceback: one line saying what happened."""
+  """jax[cuda12] on a machine without a usable GPU logs a full traceback at error level when its CUDA plugin fails
+  to start, then runs on the CPU. Keep the information, drop the traceback and the alarm: one INFO line (shown
+  only when the user asks for INFO logs), since running on the CPU there is the expected outcome."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if str(record.msg).startswith("Jax plugin configuration error") and record.exc_info:
       err = record.exc_info[1]
       record.msg = "JAX GPU plugin unavailable (%s: %s); running on the CPU"
-      record.args = (type(err).__name__, str(err).splitlines()[0][:160] if str(err) else "")
+      record.args = (type(err).__name__, str(err).splitlines()[0] if str(err) else "")
       record.exc_info = None
+      record.levelno, record.levelname = logging.INFO, "INFO"
+      return logging.getLogger(record.name).isEnabledFor(logging.INFO)
     return True
 
 
