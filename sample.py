@@ -43,10 +43,12 @@ from typing import Any
 import numpy as np
 
 from helios_jax import __version__
+from helios_jax.compile_cache import default_cache_dir, enable_compile_cache
 from helios_jax.errors import CheckpointError, HeliosError, InputError
 from helios_jax.io import media
 from helios_jax.io.model_folder import DEFAULT_HEIGHT, DEFAULT_WIDTH, DEMO_DIR, DTYPES, ModelPlan, bundled_demo, \
     inspect_model_folder, load_pipeline
+from helios_jax.pipelines.base import trimmed_frames
 from helios_jax.pipelines.prompts import OFFICIAL_INTERPOLATE_TIME, OFFICIAL_INTERPOLATION_STEPS, PromptSchedule
 
 REAL_WEIGHTS = (
@@ -155,37 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--compile-cache", metavar="DIR|none", default=None,
                  help="JAX's persistent compilation cache: a later run with the same shapes skips most compilation "
                       "(default: $HELIOS_JAX_COMPILE_CACHE, else $JAX_COMPILATION_CACHE_DIR when set, else "
-                      f"{_default_cache_dir()}; 'none' turns it off)")
+                      f"{default_cache_dir()}; 'none' turns it off)")
   p.add_argument("--free-text-encoder", action="store_true",
                  help="encode the prompts first, then free the text encoder (UMT5-XXL, ~11 GB) before loading "
                       "the transformer")
   return p
-
-
-def _default_cache_dir() -> str:
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "helios_jax", "xla")
-
-
-def _enable_compile_cache(choice: str | None) -> str | None:
-  """Points JAX's persistent compilation cache at ``choice`` (or the default, see ``--compile-cache``); returns the
-  folder used, None when off. Programs that compile in under half a second are not stored. A folder that cannot
-  be created is a warning, not an error: the run compiles as before."""
-  choice = choice or os.environ.get("HELIOS_JAX_COMPILE_CACHE") or ""
-  if choice.lower() == "none":
-    return None
-  if not choice and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    return os.environ["JAX_COMPILATION_CACHE_DIR"]  # JAX reads it itself
-  path = os.path.abspath(os.path.expanduser(choice or _default_cache_dir()))
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    print(f"warning: compilation cache {path} unusable ({e.strerror}); compiling without it", file=sys.stderr)
-    return None
-  import jax
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  return path
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -491,11 +467,6 @@ class _PromptArguments:
     return dict(negative_prompt_embeds=self._negative, **first)
 
 
-def _total_frames(num_chunks: int, window: int, temporal: int) -> int:
-  """Frames a finite stream yields: whole chunks trimmed to 4k + 1 (the batch call's trim)."""
-  return (num_chunks * window - 1) // temporal * temporal + 1
-
-
 class _SheetFrames:
   """Keeps, as the frames pass, the ones :func:`helios_jax.io.media.contact_sheet` would pick from the whole video
   (``SHEET_FRAMES`` evenly spaced, first and last included)."""
@@ -544,7 +515,7 @@ def _make_video(pipe, call: dict, job: Job, plan: ModelPlan, fps: int, on_chunk:
   stats = _VideoStats()
   t_call = time.perf_counter()
   with pipe.stream(**call) as stream:
-    total = _total_frames(stream.num_chunks, stream.frames_per_chunk, plan.temporal)
+    total = stream.num_frames
     sheet = _SheetFrames(total) if job.sheet else None
     stats.size = (stream.width, stream.height)
 
@@ -587,7 +558,7 @@ def _print_summary(job: Job, stats: _VideoStats, plan: ModelPlan, fps: int, load
 def _describe(args, plan: ModelPlan, job: Job, position: str) -> str:
   """The line printed before a video: model kind, mode, frames, size, sampler settings, seed, dtype."""
   if job.schedule is not None and args.num_frames is None:
-    frames = f"{_total_frames(job.schedule.total_chunks, plan.window, plan.temporal)} frames " \
+    frames = f"{trimmed_frames(job.schedule.total_chunks, plan.window, plan.temporal)} frames " \
              f"({len(job.schedule.prompts)} prompts, {job.schedule.total_chunks} chunks)"
   else:
     frames = f"{plan.num_frames} frames"
@@ -602,7 +573,7 @@ def _run(argv: Sequence[str] | None, on_chunk: ChunkHook | None = None) -> int:
   if not args.model:
     _use_demo(args)
   _check_arguments(args)
-  _enable_compile_cache(args.compile_cache)
+  enable_compile_cache(args.compile_cache)
   mesh_shape = None
   if args.mesh:
     from helios_jax.parallel.mesh import parse_mesh

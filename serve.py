@@ -95,8 +95,8 @@ def _run(argv) -> int:
   settings = settings_from_args(args)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")  # JAX's INFO lines stay quiet
   logging.getLogger("helios_jax.serving").setLevel(args.log_level.upper())
-  import sample  # the compile-cache helper sample.py's --compile-cache uses
-  sample._enable_compile_cache(args.compile_cache)
+  from helios_jax.compile_cache import enable_compile_cache
+  enable_compile_cache(args.compile_cache)
   from helios_jax.serving.server import bind, uvicorn_server, url_of
   sock = bind(args.host, args.port)  # before loading: a taken port fails at once
   from helios_jax.serving.app import create_app

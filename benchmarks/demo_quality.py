@@ -32,8 +32,16 @@ given) reports the paired per-sample difference A - B of the mean position error
 bootstrap interval over the samples: an interval that contains 0 means these clips and seeds do not separate the
 two models. A model's ``@G`` suffix sets its classifier-free guidance scale (default: its folder's default).
 
-``--score-video OUT.mp4`` scores one I2V video of the bundled start scene instead (what ``python sample.py --mode
-i2v`` writes from the bundled start image and prompt) against that scene's ground truth, per object and chunk,
+``--score-video OUT.mp4`` scores one output of ``python sample.py --mode MODE`` with the bundled inputs instead
+(``--mode``, default i2v: the scene behind that mode's bundled prompt, start image or start video). It tracks every
+object of the scene by its colour in every frame: found or not (``locate``'s rule), pixel count, centroid, number
+of separate blobs (8-connected pieces of the colour of at least ``--min-blob`` pixels), frame-to-frame centroid
+jump, and for i2v and v2v the distance to the true centre (v2v's output frame 0 is scene frame 33); then the events:
+frames where an object is missing or split, the jumps above ``--jump-px`` and whether they sit on chunk boundaries
+(frames 33, 66, ...), where a vanished object comes back, each chunk's net direction of motion beside the
+caption's and the truth's, and the frame-to-frame change of the whole image. t2v's model never sees its scene (only
+the caption), so t2v gets motion only. ``--per-frame FILE`` writes it all as JSON ({mode: tracks}). For i2v it also
+prints (and ``--out`` writes) the per-chunk position error and on-target rate against the scene's ground truth,
 beside the start image left standing.
 
 Results: one JSON record per model with per-chunk curves, per-sample means and summaries, also appended to
@@ -300,10 +308,260 @@ def score_bundled_video(path: str, tol: float = 0.25,
   return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Per-frame object tracks of a bundled demo output (``--score-video MP4 --mode M --per-frame JSON``)
+
+SCENE_OFFSET = dict(t2v=0, i2v=0, v2v=WINDOW)  # scene frame of an output's frame 0 (v2v continues frames 0-32)
+MIN_BLOB = 10  # pixels: a connected piece of an object's colour smaller than this is not counted as a blob
+JUMP_PX = 5.0  # a centroid step above this (5x the scenes' 1 px / frame) is a jump, not motion
+STILL_PX = 5.0  # a chunk's net displacement below this has no direction ("still")
+
+
+def colour_mask(frames: np.ndarray, colour, tol: float) -> np.ndarray:
+  """(F, H, W) bool: pixels within RGB distance ``tol`` of ``colour`` (``locate``'s rule)."""
+  return np.linalg.norm(frames - np.asarray(colour)[None, None, None], axis=-1) < tol
+
+
+def find_blobs(mask: np.ndarray, min_pixels: int = MIN_BLOB) -> tuple[list[int], list[list[float]]]:
+  """One frame's (H, W) mask -> sizes (largest first) and centroids (x, y) of its 8-connected components of at
+  least ``min_pixels`` pixels (scipy comes with jax)."""
+  from scipy import ndimage
+  labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+  sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+  keep = [i + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_pixels]
+  cents = ndimage.center_of_mass(mask, labels, keep) if keep else []
+  return [int(sizes[i - 1]) for i in keep], [[float(x) + 0.5, float(y) + 0.5] for y, x in cents]
+
+
+def track_colour(frames: np.ndarray, colour, tol: float = 0.25, min_blob: int = MIN_BLOB) -> dict:
+  """Per frame of (F, H, W, 3) frames in [0, 1]: ``pixels`` of the colour, ``found`` (``locate``'s rule: >= 4
+  pixels), ``centroid`` (F, 2) of all its pixels (NaN where not found), ``blobs`` (pieces of >= ``min_blob`` pixels),
+  ``blob_pixels`` and ``blob_centroids`` (theirs, largest first), ``jump`` (F,): centroid distance to the previous
+  frame (NaN at frame 0 and where either frame is not found)."""
+  centroid, found = locate(frames, colour, tol)
+  centroid = np.where(found[:, None], centroid, np.nan)
+  masks = colour_mask(frames, colour, tol)
+  pieces = [find_blobs(m, min_blob) for m in masks]
+  jump = np.full(len(frames), np.nan)
+  jump[1:] = np.linalg.norm(centroid[1:] - centroid[:-1], axis=-1)
+  return dict(pixels=masks.sum(axis=(1, 2)).astype(int), found=found, centroid=centroid,
+              blobs=np.array([len(p[0]) for p in pieces], int), blob_pixels=[p[0] for p in pieces],
+              blob_centroids=[p[1] for p in pieces], jump=jump)
+
+
+def frame_change(frames: np.ndarray) -> np.ndarray:
+  """(F,) mean absolute change of every pixel from the previous frame, in 8-bit levels (NaN at frame 0)."""
+  d = np.full(len(frames), np.nan)
+  d[1:] = np.abs(np.diff(np.asarray(frames, np.float64), axis=0)).mean(axis=(1, 2, 3)) * 255.0
+  return d
+
+
+def ranges(frames) -> list[list[int]]:
+  """Sorted frame indices -> runs of consecutive frames [[first, last], ...]."""
+  out = []
+  for f in sorted(int(v) for v in frames):
+    if out and f == out[-1][1] + 1:
+      out[-1][1] = f
+    else:
+      out.append([f, f])
+  return out
+
+
+def format_ranges(runs) -> str:
+  """[[1, 47], [59, 59]] -> "1-47, 59" (the form the README and the model card quote)."""
+  return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs) or "none"
+
+
+def compass(dx: float, dy: float, still_px: float = STILL_PX) -> str:
+  """The caption word (``scenes.DIRECTIONS``) nearest a displacement in image coordinates (y down); "still" when it
+  is shorter than ``still_px``; "unknown" when it is NaN."""
+  if not (np.isfinite(dx) and np.isfinite(dy)):
+    return "unknown"
+  if np.hypot(dx, dy) < still_px:
+    return "still"
+  return max(scenes.DIRECTIONS, key=lambda w: np.dot(scenes.DIRECTIONS[w], (dx, dy)))
+
+
+def chunk_boundaries(n: int, window: int = WINDOW) -> list[int]:
+  """The first frames of chunks 2, 3, ... of an n-frame output: 33, 66, ..."""
+  return list(range(window, n, window))
+
+
+def chunk_motion(centroid: np.ndarray, jump: np.ndarray, window: int = WINDOW, jump_px: float = JUMP_PX,
+                 still_px: float = STILL_PX) -> list[dict]:
+  """Per chunk (frames [33 c, 33 c + 32]): ``net`` displacement (x, y) from its first to its last frame where the
+  object is found and its direction, and ``drift``: the sum of its frame-to-frame steps that are not jumps (> jump_px)
+  and its direction (the motion without the relocations)."""
+  out = []
+  for a in range(0, len(centroid), window):
+    b = min(a + window, len(centroid))
+    seen = [f for f in range(a, b) if np.isfinite(centroid[f, 0])]
+    net = centroid[seen[-1]] - centroid[seen[0]] if seen else np.full(2, np.nan)
+    drift = np.zeros(2)
+    for f in range(a + 1, b):
+      if np.isfinite(jump[f]) and jump[f] <= jump_px:
+        drift += centroid[f] - centroid[f - 1]
+    out.append(dict(frames=[a, b - 1], found_frames=len(seen), net=_round(net), net_direction=compass(*net, still_px),
+                    drift=_round(drift), drift_direction=compass(*drift, still_px)))
+  return out
+
+
+def _round(x, nd: int = 2):
+  """JSON-ready: floats rounded, NaN -> None, arrays -> lists."""
+  if isinstance(x, (list, tuple, np.ndarray)):
+    return [_round(v, nd) for v in x]
+  v = float(x)
+  return round(v, nd) if np.isfinite(v) else None
+
+
+def reappearances(found: np.ndarray, centroid: np.ndarray) -> list[dict]:
+  """Every run of frames where the object is not found, between frames where it is: the run, the centroid before
+  and after it and the distance between them."""
+  out = []
+  for a, b in ranges(np.flatnonzero(~found)):
+    if a == 0 or b == len(found) - 1:
+      continue
+    before, after = centroid[a - 1], centroid[b + 1]
+    out.append(dict(missing=[a, b], before=_round(before), after=_round(after),
+                    distance=_round(np.linalg.norm(after - before))))
+  return out
+
+
+def summarise_track(track: dict, window: int = WINDOW, jump_px: float = JUMP_PX, top: int = 5,
+                    still_px: float = STILL_PX) -> dict:
+  """The events of one object's track: frames where it is missing, split (2 or more blobs), the jumps (> jump_px)
+  and the ``top`` largest, which of them sit on chunk boundaries, reappearances, motion per chunk."""
+  n, jump = len(track["found"]), track["jump"]
+  bounds = chunk_boundaries(n, window)
+  order = [int(f) for f in np.argsort(-np.nan_to_num(jump, nan=-1.0), kind="stable") if np.isfinite(jump[f])]
+  steps = jump[np.isfinite(jump)]
+  pixels, most = np.asarray(track["pixels"]), int(track["blobs"].max())
+  return dict(
+      pixels_first=int(pixels[0]), pixels_max=[int(pixels.max()), int(pixels.argmax())],
+      missing=ranges(np.flatnonzero(~track["found"])),
+      split=ranges(np.flatnonzero(track["blobs"] >= 2)),
+      most_blobs=most, most_blobs_frames=ranges(np.flatnonzero(track["blobs"] == most)),
+      jumps=[dict(frame=f, px=_round(jump[f]), on_boundary=f in bounds) for f in range(n) if jump[f] > jump_px],
+      largest_jumps=[dict(frame=f, px=_round(jump[f]), on_boundary=f in bounds) for f in order[:top]],
+      boundary_jumps={str(f): _round(jump[f]) for f in bounds},
+      median_jump=_round(np.median(steps)) if len(steps) else None,
+      reappearances=reappearances(track["found"], track["centroid"]),
+      per_chunk=chunk_motion(track["centroid"], jump, window, jump_px, still_px))
+
+
+def _caption_direction(vel) -> str:
+  return compass(float(vel[0]), float(vel[1]), still_px=1e-6)
+
+
+def track_bundled_video(path: str, mode: str = "i2v", tol: float = 0.25, min_blob: int = MIN_BLOB,
+                        jump_px: float = JUMP_PX,
+                        prompts_path: str = os.path.join(ROOT, "helios_jax", "assets", "demo", "prompts.json")) -> dict:
+  """Per-frame tracks of every object of the bundled scene of ``mode`` in ``sample.py``'s output for that mode, and
+  their summaries. i2v and v2v are compared with the scene's truth (v2v's output frame 0 is scene frame 33: it
+  continues the bundled start video, frames 0-32): ``err`` per frame, ``on_target`` (within the object's
+  circumradius), the true direction per chunk. t2v's model never sees its scene, only the caption: motion only."""
+  from helios_jax.io import media
+  frames = np.asarray(media.read_video(path), np.float32) / 255.0
+  if frames.ndim != 4 or frames.shape[0] < 2:
+    raise ValueError(f"{path}: need a video of at least 2 frames, got shape {frames.shape}")
+  n = frames.shape[0]
+  cfg = scenes.SceneConfig(height=frames.shape[1], width=frames.shape[2])
+  params, caption = demo.bundled_scene(prompts_path, mode, cfg)
+  truth = scenes.object_positions(params, np.arange(n) + SCENE_OFFSET[mode], cfg) if mode != "t2v" else None
+  change = frame_change(frames)
+  bounds = chunk_boundaries(n)
+  big = [int(f) for f in np.argsort(-np.nan_to_num(change, nan=-1.0), kind="stable")[:len(bounds) + 3]]
+  out = dict(video=path, mode=mode, caption=caption, frames=n, scene_frame_of_frame_0=SCENE_OFFSET[mode],
+             colour_tol=tol, min_blob=min_blob, jump_px=jump_px, chunk_boundaries=bounds,
+             frame_change=dict(per_frame=_round(change), median=_round(np.nanmedian(change)),
+                               largest=[dict(frame=f, level=_round(change[f]), on_boundary=f in bounds) for f in big],
+                               at_boundaries={str(f): _round(change[f]) for f in bounds}),
+             objects={})
+  for k in range(scenes.MAX_OBJECTS):
+    if not params["active"][k]:
+      continue
+    colour = params["colour"][k]
+    name = next(c for c, v in scenes.COLOURS.items() if np.allclose(v, colour, atol=1e-3))
+    name = f"{name} {scenes.SHAPES[int(params['shape'][k])]}"
+    tr = track_colour(frames, colour, tol, min_blob)
+    obj = dict(colour=_round(colour, 3), radius=_round(params["radius"][k]),
+               caption_direction=_caption_direction(params["vel"][k]),
+               summary=summarise_track(tr, jump_px=jump_px),
+               per_frame=dict(found=tr["found"].tolist(), pixels=tr["pixels"].tolist(), centroid=_round(tr["centroid"]),
+                              blobs=tr["blobs"].tolist(), blob_pixels=tr["blob_pixels"],
+                              blob_centroids=_round(tr["blob_centroids"]), jump=_round(tr["jump"])))
+    if truth is not None:
+      err = np.linalg.norm(tr["centroid"] - truth[:, k], axis=-1)
+      hit = np.nan_to_num(err, nan=np.inf) < params["radius"][k]
+      obj["per_frame"].update(true_centre=_round(truth[:, k]), err=_round(err))
+      obj["summary"]["on_target"] = ranges(np.flatnonzero(hit))
+      for c in obj["summary"]["per_chunk"]:
+        a, b = c["frames"]
+        c["true_net_direction"] = compass(*(truth[b, k] - truth[a, k]))
+        c["err_median"] = _round(_nanmedian(err[a:b + 1]))
+    out["objects"][name] = obj
+  return out
+
+
+def _nanmedian(x) -> float:
+  x = np.asarray(x, np.float64)
+  return float(np.median(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
+
+
+def print_tracks(tracks: dict) -> None:
+  """The summary of :func:`track_bundled_video`, a few lines per object."""
+  fc = tracks["frame_change"]
+  bound = lambda r: " (boundary)" if r["on_boundary"] else ""  # noqa: E731
+  print(f"{tracks['mode']} {tracks['video']}: {tracks['frames']} frames, chunk boundaries at frames "
+        f"{', '.join(map(str, tracks['chunk_boundaries']))}; largest frame-to-frame changes (8-bit levels, median "
+        f"{fc['median']}): " + ", ".join(f"frame {r['frame']} {r['level']}{bound(r)}" for r in fc["largest"]))
+  for name, o in tracks["objects"].items():
+    s = o["summary"]
+    line = (f"  {name} (caption: {o['caption_direction']}): missing in frames {format_ranges(s['missing'])}; "
+            f"2+ blobs in {format_ranges(s['split'])} (most {s['most_blobs']}, in "
+            f"{format_ranges(s['most_blobs_frames'])})")
+    if "on_target" in s:
+      line += f"; on target in {format_ranges(s['on_target'])}"
+    print(line)
+    jumps = ", ".join(f"{j['frame']} ({j['px']:.0f} px){bound(j)}" for j in s["jumps"]) or "none"
+    print(f"    jumps > {tracks['jump_px']:g} px at frames {jumps}; median step {s['median_jump']} px")
+    for r in s["reappearances"]:
+      print(f"    gone in {format_ranges([r['missing']])}, back {r['distance']:.0f} px from where it went")
+    for i, c in enumerate(s["per_chunk"]):
+      line = (f"    chunk {i + 1} (frames {c['frames'][0]}-{c['frames'][1]}): net {c['net_direction']} {c['net']}, "
+              f"drift {c['drift_direction']} {c['drift']}")
+      if "true_net_direction" in c:
+        line += f", truth {c['true_net_direction']}, median error {c['err_median']} px"
+      print(line)
+
+
+def write_tracks(path: str, tracks: dict) -> None:
+  """Writes ``{mode: tracks}`` to ``path``; the other modes of an existing file of that form are kept."""
+  record = {}
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    if isinstance(old, dict) and all(isinstance(v, dict) and v.get("mode") == k for k, v in old.items()):
+      record = old
+  record[tracks["mode"]] = dict(tracks, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(dict(sorted(record.items())), f, indent=1)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--score-video", metavar="MP4",
-                 help="score this I2V video of the bundled start scene (sample.py's default) and stop")
+                 help="score this output of `sample.py --mode MODE` with the bundled inputs (its default) and stop: "
+                      "per-frame object tracks, and for i2v the per-chunk scores")
+  p.add_argument("--mode", choices=("i2v", "t2v", "v2v"), default="i2v",
+                 help="with --score-video: the mode that made the video (picks the bundled scene; default i2v)")
+  p.add_argument("--per-frame", metavar="JSON",
+                 help="with --score-video: write the per-frame tracks here as {mode: tracks} (an existing file of "
+                      "that form keeps its other modes)")
+  p.add_argument("--min-blob", type=int, default=MIN_BLOB,
+                 help="with --score-video: smallest piece of an object's colour counted as a blob (pixels)")
+  p.add_argument("--jump-px", type=float, default=JUMP_PX,
+                 help="with --score-video: a centroid step above this many pixels is reported as a jump")
   p.add_argument("--model", action="append", default=[],
                  help="name=PATH[:steps][@guidance], repeatable (none: only the locator check and the baselines)")
   p.add_argument("--clips", type=int, default=8)
@@ -327,18 +585,26 @@ def main(argv=None) -> int:
   if args.score_video:
     if not os.path.isfile(args.score_video):
       p.error(f"--score-video: no file {args.score_video}")
+    if args.min_blob < 1 or not args.jump_px > 0:
+      p.error("--min-blob must be at least 1 and --jump-px > 0")
+    if args.out and args.mode != "i2v":
+      p.error("--score-video --out writes the per-chunk scores of an i2v video; for other modes use --per-frame")
     try:
-      scored = score_bundled_video(args.score_video, args.colour_tol)
-    except (ValueError, OSError) as e:
+      tracks = track_bundled_video(args.score_video, args.mode, args.colour_tol, args.min_blob, args.jump_px)
+      scored = score_bundled_video(args.score_video, args.colour_tol) if args.mode == "i2v" else None
+    except (ValueError, OSError) as e:  # media's InputError is a ValueError
       p.error(f"--score-video: {e}")
-    for name, rows in scored["objects"].items():
+    print_tracks(tracks)
+    for name, rows in (scored or {}).get("objects", {}).items():
       for which, r in rows.items():
         print(f"{name}, {which}: pos err per chunk " + " / ".join(f"{v:.1f}" for v in r["pos_err_per_chunk"])
               + " px, on target " + " / ".join(f"{v:.0%}" for v in r["hit_rate_per_chunk"])
               + f", detected {r['detect_rate']:.0%}")
-    if args.out:
+    if args.out and scored is not None:
       with open(args.out, "w", encoding="utf-8") as f:
         json.dump(scored, f, indent=1)
+    if args.per_frame:
+      write_tracks(args.per_frame, tracks)
     return 0
   if args.clips < 1 or args.chunks < 1 or args.seeds < 1:
     p.error("--clips, --chunks and --seeds must be at least 1")

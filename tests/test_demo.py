@@ -294,12 +294,11 @@ def test_sample_keeps_a_compilation_cache(tmp_path):
 
 
 def test_sample_compile_cache_off_and_unusable(tmp_path, capsys):
-  sys.path.insert(0, ROOT)
-  import sample
-  assert sample._enable_compile_cache("none") is None
+  from helios_jax.compile_cache import enable_compile_cache
+  assert enable_compile_cache("none") is None
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  assert sample._enable_compile_cache(str(blocker / "xla")) is None
+  assert enable_compile_cache(str(blocker / "xla")) is None
   assert "compiling without it" in capsys.readouterr().err
 
 

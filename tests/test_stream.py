@@ -66,7 +66,7 @@ def batch_uint8(pipe, **kw) -> np.ndarray:
 def test_stream_equals_batch_pyramid(distilled, prefetch):
   want = batch_uint8(distilled, prompt=A, num_frames=99, **dkw())
   s = distilled.stream(A, num_frames=99, prefetch=prefetch, **dkw())
-  assert (s.num_chunks, s.frames_per_chunk, s.fps, s.height, s.width) == (3, 33, 24, 64, 128)
+  assert (s.num_chunks, s.num_frames, s.frames_per_chunk, s.fps, s.height, s.width) == (3, 97, 33, 24, 64, 128)
   chunks = list(s)
   assert [c.index for c in chunks] == [0, 1, 2]
   assert [c.first_frame for c in chunks] == [0, 33, 66]
@@ -89,7 +89,7 @@ def test_stream_equals_batch_plain_i2v(demo):
 
 def test_endless_stream_stops_and_keeps_no_latents(distilled):
   s = distilled.stream(A, **dkw())
-  assert s.num_chunks is None and "endless" in repr(s)
+  assert s.num_chunks is None and s.num_frames is None and "endless" in repr(s)
   seen = []
   for chunk in s:
     seen.append(chunk.index)
@@ -235,6 +235,8 @@ def test_schedule_from_official_csv(tmp_path):
                '2,0,only one,\n', encoding="utf-8")
   got = PromptSchedule.from_csv(p, interpolate_time=5, interpolation_steps=2)
   assert list(got) == ["2", "10"]  # numeric ids in numeric order
+  p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())  # a byte-order mark, as Excel saves UTF-8 CSVs
+  assert PromptSchedule.from_csv(p, interpolate_time=5, interpolation_steps=2) == got
   assert got["10"].prompts == ("better first", "second, with a comma") and got["10"].chunks == (5, 5)
   assert got["2"].prompts == ("only one",) and got["2"].interpolation_steps == 2
 

@@ -70,6 +70,12 @@ def _roll_in(buffer: jax.Array, new: jax.Array) -> jax.Array:
   return jnp.concatenate([buffer, new.astype(buffer.dtype)], axis=2)[:, :, new.shape[2]:]
 
 
+def trimmed_frames(num_chunks: int, window: int = 33, temporal: int = VAE_SCALE_TEMPORAL) -> int:
+  """Frames a video of ``num_chunks`` chunks of ``window`` decoded frames keeps: trimmed to 4k + 1 (``temporal``
+  = 4), as the reference trims the concatenated decode (99 -> 97)."""
+  return (num_chunks * window - 1) // temporal * temporal + 1
+
+
 @jax.jit
 def _to_unit(decoded: jax.Array) -> jax.Array:
   """VAE output in [-1, 1] -> [0, 1] (the one conversion the batch and the streamed frames share)."""
@@ -458,9 +464,7 @@ class HeliosPipelineBase:
       logger.warning("num_frames=%s covers %d chunks, the prompt schedule %d: its later prompts are not reached",
                      num_frames, num_chunks, prompt_schedule.total_chunks)
     # Decoded frames kept: whole chunks, trimmed to 4k + 1 (the reference's trim of the concatenated decode).
-    total_frames = None
-    if num_chunks is not None:
-      total_frames = (num_chunks * window - 1) // self.vae_scale_temporal * self.vae_scale_temporal + 1
+    total_frames = None if num_chunks is None else trimmed_frames(num_chunks, window, self.vae_scale_temporal)
     # The history is a fixed-size rolling buffer of the last ``buffer_frames`` latents (constant shapes: no
     # per-chunk recompilation and constant memory however long the video); ``produced`` keeps what the
     # ``latent`` output returns (the conditioning latents, then every chunk).

@@ -121,7 +121,7 @@ class PromptSchedule:
     if not os.path.isfile(path):
       raise InputError(f"interactive prompt file not found: {path}")
     try:
-      with open(path, encoding="utf-8", newline="") as f:
+      with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark (Excel) is dropped
         rows = list(csv.DictReader(f))
     except UnicodeDecodeError:
       raise InputError(f"{path} is not UTF-8 text") from None

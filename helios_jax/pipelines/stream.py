@@ -86,6 +86,7 @@ class HeliosStream:
     self.fps = DEFAULT_FPS
     self.height, self.width = run.height, run.width
     self.num_chunks = run.num_chunks
+    self.num_frames = run.total_frames  # frames the whole stream yields (None: endless)
     self.frames_per_chunk = run.window
 
   # ------------------------------------------------------------------------------------------------------------------
