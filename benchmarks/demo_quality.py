@@ -54,6 +54,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import sys
 import time
 
@@ -545,7 +546,13 @@ def write_tracks(path: str, tracks: dict) -> None:
       record = old
   record[tracks["mode"]] = dict(tracks, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
   with open(path, "w", encoding="utf-8") as f:
-    json.dump(dict(sorted(record.items())), f, indent=1)
+    f.write(compact_json(dict(sorted(record.items()))) + "\n")
+
+
+def compact_json(obj) -> str:
+  """``json.dumps(obj, indent=1)`` with every innermost list of numbers, booleans and nulls on one line."""
+  text = json.dumps(obj, indent=1)
+  return re.sub(r'\[\n([^\[\]{}"]*?)\n *\]', lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
 
 
 def main(argv=None) -> int:

@@ -97,6 +97,9 @@ def test_tracker_helpers():
   sizes, cents = dq.find_blobs(np.eye(6, dtype=bool) | np.eye(6, dtype=bool)[::-1], min_pixels=1)
   assert sizes == [12] and cents == [[3.0, 3.0]]  # diagonal neighbours are one 8-connected blob
   assert dq.find_blobs(np.pad(np.ones((2, 2), bool), 3), min_pixels=5) == ([], [])
+  obj = dict(c=[[1.5, None], [2, True]], s="a [  b ] c", names=["x  y"], e=[])
+  text = dq.compact_json(obj)
+  assert json.loads(text) == obj and "[1.5, null]" in text and '"a [  b ] c"' in text and '"x  y"' in text
 
 
 def test_tracks_of_the_bundled_scenes_own_frames(tmp_path, capsys):
