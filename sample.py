@@ -14,10 +14,13 @@ guidance 5.0 with CFG-Zero*, 99 frames; Base (``HeliosPipeline``) -> 50 steps, g
 384x640 and seed 42.
 
 Generation streams (``pipe.stream``): each 33-frame chunk is encoded into the mp4 as it arrives, with one progress
-line per chunk, so the video is never held in host memory whole. ``--prompt-file`` makes one video per line and
-``--interactive-prompts`` one video per id of the official interactive CSV (each prompt held ``--interpolate-time``
-chunks, blended into the next over ``--interpolation-steps``); with several videos each gets its own numbered
-output, video i uses seed + i, and outputs that already exist are skipped (``--overwrite`` replaces them).
+line per chunk (and the time left), so the video is never held in host memory whole; every line is flushed, so a
+redirected log shows each start-up phase and chunk as it happens. An --image / --video of another size is fitted
+to the generation size by ``--resize`` (stretch, as diffusers; crop; pad), with one line saying what was done.
+``--prompt-file`` makes one video per line and ``--interactive-prompts`` one video per id of the official
+interactive CSV (each prompt held ``--interpolate-time`` chunks, blended into the next over
+``--interpolation-steps``); with several videos each gets its own numbered output, video i uses seed + i, and
+outputs that already exist are skipped (``--overwrite`` replaces them).
 
 Every user mistake (missing model folder or component, unreadable image, video or prompt file, a video shorter than
 one 33-frame chunk, contradictory arguments, an unwritable output path, a bad dtype) ends with one line
@@ -33,8 +36,10 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import math
 import os
 import re
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -59,6 +64,7 @@ DEMO_MISSING = "no --model given, and the bundled demo model is missing from thi
 DEFAULT_SEED = 42
 MAX_SEQUENCE_LENGTH = 512
 SHEET_FRAMES = 8  # frames on a contact sheet (media.write_contact_sheet's default)
+LONG_VIDEO_FRAMES = 1452  # 44 chunks, a minute of video at 24 fps: longer videos get a warning on a CPU
 
 # How the library's messages name the settings on this command line.
 OPTION_NAMES = {"height": "--height", "width": "--width", "steps": "--steps", "guidance": "--guidance",
@@ -123,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{OFFICIAL_INTERPOLATION_STEPS})")
   p.add_argument("--image", help="I2V: the first frame (any image file Pillow reads)")
   p.add_argument("--video", help="V2V: the video to continue (any file FFmpeg reads; >= 33 frames)")
+  p.add_argument("--resize", choices=media.RESIZE_MODES, default="stretch",
+                 help="how an --image / --video of another size is fitted to --width x --height: stretch (resize "
+                      "to exactly that size, as diffusers does; the aspect ratio may change), crop (centre-crop to "
+                      "the target aspect ratio, then resize) or pad (pad to it with --pad-fill, then resize)")
+  p.add_argument("--pad-fill", choices=media.PAD_FILLS,
+                 help="--resize pad: the border's colour, black or the image's edge pixels repeated (default: "
+                      "black)")
   p.add_argument("--num-frames", type=int, help="frames to generate (rounded up to 33-frame chunks, then trimmed to "
                                                 "4k+1); default 240 for Distilled, 99 otherwise, and with "
                                                 "--interactive-prompts the schedule's length")
@@ -223,6 +236,17 @@ def _check_arguments(args) -> None:
     raise UsageError("--unstack-layers is a one-device option; leave it out with --mesh")
   if args.contact_sheet and not args.contact_sheet.lower().endswith(".png"):
     raise UsageError(f"--contact-sheet must name a .png file, got {args.contact_sheet}")
+  if args.pad_fill is not None and args.resize != "pad":
+    raise UsageError("--pad-fill goes with --resize pad")
+  if args.resize != "stretch" and not (args.image or args.video):
+    raise UsageError(f"--resize {args.resize} fits an --image or --video; this {args.mode} run has neither")
+  args.pad_fill = args.pad_fill or "black"
+
+
+def _show(path: str) -> str:
+  """A path as messages show it: relative to the working folder when inside it, else as it is."""
+  rel = os.path.relpath(path)
+  return path if rel.startswith("..") else rel
 
 
 def _use_demo(args) -> None:
@@ -240,12 +264,11 @@ def _use_demo(args) -> None:
     args.video = demo.video
   if args.contact_sheet is None:
     args.contact_sheet = os.path.splitext(args.out)[0] + ".png"
-  show = lambda p: os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p
-  print(f"no --model given: using the bundled demo model ({show(demo.model)}), a small Helios trained on "
-        f"procedural scenes of moving shapes (model card: {show(demo.model_card)}). "
+  print(f"no --model given: using the bundled demo model ({_show(demo.model)}), a small Helios trained on "
+        f"procedural scenes of moving shapes (model card: {_show(demo.model_card)}). "
         f"For real videos, {REAL_WEIGHTS}.", flush=True)
-  inputs = (f", start image {show(args.image)}" if args.image else "") + \
-      (f", start video {show(args.video)}" if args.video else "")
+  inputs = (f", start image {_show(args.image)}" if args.image else "") + \
+      (f", start video {_show(args.video)}" if args.video else "")
   if args.prompt is not None:
     print(f"prompt: {args.prompt!r}{inputs}", flush=True)
   elif inputs:
@@ -280,13 +303,31 @@ def _load_embeds(path: str, what: str, text_dim: int) -> np.ndarray:
   return arr.astype(np.float32)
 
 
+def _fit_note(what: str, src: tuple[int, int], plan: ModelPlan, args) -> None:
+  """Refuses a tiny input; says in one line how an input of another size is fitted to the generation size."""
+  media.check_input_size(src, what)
+  note = media.resize_note(src, (plan.width, plan.height), args.resize, args.pad_fill)
+  if note is None:
+    return
+  hint = " (--resize crop or pad keeps its aspect ratio)" if " is stretched to " in note else ""
+  print(f"{what}: {note}{hint}", flush=True)
+
+
 def _read_inputs(args, plan: ModelPlan) -> dict:
-  """Opens the image / video / embeddings (validating them) before any model is loaded."""
+  """Opens the image / video / embeddings (validating them) before any model is loaded; says how an image or
+  video of another size is fitted to the generation size (``--resize``)."""
   out = {}
   if args.image:
-    out["image"] = media.load_image(args.image)
+    image = media.load_image(args.image)
+    _fit_note(f"start image {_show(args.image)}", image.size, plan, args)
+    # stretch: the pipeline's own (diffusers-identical) resize; crop / pad: fitted here to exactly the size, which
+    # the pipeline then leaves as it is.
+    out["image"] = image if args.resize == "stretch" else \
+        media.fit_image(image, plan.width, plan.height, args.resize, args.pad_fill)
   if args.video:
-    frames = media.read_video(args.video, size=(plan.width, plan.height))
+    _fit_note(f"start video {_show(args.video)}", media.video_frame_size(args.video), plan, args)
+    frames = media.read_video(args.video, size=(plan.width, plan.height), resize=args.resize,
+                              pad_fill=args.pad_fill)
     if frames.shape[0] < plan.window:
       raise InputError(f"video {args.video} has {frames.shape[0]} frames; V2V needs at least {plan.window} "
                        f"(one chunk)")
@@ -391,13 +432,23 @@ def plan_jobs(args) -> list[Job]:
               prompt=text, schedule=schedule, label=label) for i, (label, tag, text, schedule) in enumerate(entries)]
 
 
+def _writable(path: str, what: str) -> str:
+  """``media.check_writable`` (which creates a missing folder), saying so when it did."""
+  folder = os.path.dirname(os.path.abspath(path))
+  existed = os.path.isdir(folder)
+  path = media.check_writable(path, what)
+  if not existed:
+    print(f"created folder {_show(folder)}", flush=True)
+  return path
+
+
 def _writable_jobs(jobs: list[Job], batch: bool, overwrite: bool) -> list[Job]:
   """Checks every output path can be written (absolute paths back); in a batch run (a prompt file or CSV) drops,
   with a message, the videos whose mp4 already exists unless ``overwrite``."""
   todo = []
   for job in jobs:
-    out = media.check_writable(job.out, "output video")
-    sheet = media.check_writable(job.sheet, "contact sheet") if job.sheet else None
+    out = _writable(job.out, "output video")
+    sheet = _writable(job.sheet, "contact sheet") if job.sheet else None
     if batch and not overwrite and os.path.exists(out):
       print(f"skipping {job.label}: {out} exists (pass --overwrite to replace it)", flush=True)
       continue
@@ -443,6 +494,8 @@ class _PromptArguments:
     if uses_text and args.free_text_encoder:
       t0 = time.perf_counter()
       texts = [t for job in jobs for t in (job.schedule.prompts if job.schedule else (job.prompt,))]
+      n = len(dict.fromkeys(texts))
+      print(f"encoding {n} prompt{'s' if n != 1 else ''} with the text encoder, then freeing it ...", flush=True)
       self._embeds, self._negative = _encode_texts_then_free(args.model, plan, texts, args.negative_prompt)
       self.encode_s = time.perf_counter() - t0
       self.load_text_encoder = False
@@ -492,9 +545,33 @@ class _VideoStats:
   size: tuple = (0, 0)
 
 
-def _report_chunk(chunk, num_chunks: int, seconds: float, scheduled: bool) -> None:
+def _duration(seconds: float) -> str:
+  """A duration for people: "7.5 s", "42 s", "4 min 05 s", "3 h 41 min"."""
+  if seconds < 9.95:
+    return f"{seconds:.1f} s"
+  if seconds < 59.5:
+    return f"{seconds:.0f} s"
+  whole = int(round(seconds))
+  if whole < 3600:
+    return f"{whole // 60} min {whole % 60:02d} s"
+  return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
+def _eta(chunk_seconds: Sequence[float], num_chunks: int) -> str:
+  """The time left after ``len(chunk_seconds)`` of ``num_chunks`` chunks, from the median time of the chunks after
+  the first (the first includes start-up and compilation; the median keeps out one-off stalls); "" at the end."""
+  left = num_chunks - len(chunk_seconds)
+  if left <= 0:
+    return ""
+  if len(chunk_seconds) < 2:
+    return "; ETA after the next chunk"
+  per_chunk = statistics.median(chunk_seconds[1:])
+  return f"; about {_duration(per_chunk * left)} left ({left} chunk{'s' if left != 1 else ''})"
+
+
+def _report_chunk(chunk, num_chunks: int, seconds: float, scheduled: bool, eta: str = "") -> None:
   """One progress line per chunk: k/N, its frames, the ``seconds`` it took (the first: since the stream was asked
-  for) and its frames/s."""
+  for), its frames/s and ``eta`` (:func:`_eta`); flushed, so a log file shows it at once."""
   n = len(chunk.frames)
   first = chunk.first_frame
   if chunk.index == 0:
@@ -507,24 +584,49 @@ def _report_chunk(chunk, num_chunks: int, seconds: float, scheduled: bool) -> No
     weight = chunk.prompt.get("weight", 1.0)
     short = text[:48] + ("..." if len(text) > 48 else "")
     prompt = f"; blending to {short!r}: {weight:.0%}" if weight < 1 else f"; prompt {short!r}"
-  print(f"chunk {chunk.index + 1}/{num_chunks}: frames {first}-{first + n - 1}, {timing}{prompt}", flush=True)
+  print(f"chunk {chunk.index + 1}/{num_chunks}: frames {first}-{first + n - 1}, {timing}{prompt}{eta}", flush=True)
 
 
-def _make_video(pipe, call: dict, job: Job, plan: ModelPlan, fps: int, on_chunk: ChunkHook | None) -> _VideoStats:
-  """Streams one video into ``job.out`` (and its contact sheet), chunk by chunk; returns its statistics."""
+def _encoding_line(call: dict) -> str | None:
+  """The start-up line before ``pipe.stream(**call)`` encodes the prompt(s) and start image / video; None when it
+  has nothing to encode."""
+  parts = []
+  schedule = call.get("prompt_schedule")
+  if schedule is not None and schedule.uses_text:
+    parts.append(f"the {len(schedule.prompts)} prompts" if len(schedule.prompts) > 1 else "the prompt")
+  elif call.get("prompt") is not None:
+    parts.append("the prompt")
+  if call.get("image") is not None:
+    parts.append("the start image")
+  if call.get("video") is not None:
+    parts.append("the start video")
+  return f"encoding {' and '.join(parts)} ..." if parts else None
+
+
+def _make_video(pipe, call: dict, job: Job, plan: ModelPlan, fps: int, on_chunk: ChunkHook | None,
+                compiles: bool = True) -> _VideoStats:
+  """Streams one video into ``job.out`` (and its contact sheet), chunk by chunk; returns its statistics. Prints
+  (flushed) a line as it encodes the inputs, one as the first chunk starts (``compiles``: it compiles the
+  programs), and one per chunk with the time left."""
   stats = _VideoStats()
   t_call = time.perf_counter()
+  line = _encoding_line(call)
+  if line:
+    print(line, flush=True)
   with pipe.stream(**call) as stream:
     total = stream.num_frames
     sheet = _SheetFrames(total) if job.sheet else None
     stats.size = (stream.width, stream.height)
+    print(f"generating chunk 1/{stream.num_chunks}" + (" (it includes compiling the model)" if compiles else "")
+          + " ...", flush=True)
 
     def frames() -> Iterator[np.ndarray]:
       for chunk in stream:
         if chunk.index == 0:
           stats.first_chunk = time.perf_counter() - t_call
         stats.chunks.append(stats.first_chunk if chunk.index == 0 else chunk.timings["interval_s"])
-        _report_chunk(chunk, stream.num_chunks, stats.chunks[-1], job.schedule is not None)
+        _report_chunk(chunk, stream.num_chunks, stats.chunks[-1], job.schedule is not None,
+                      _eta(stats.chunks, stream.num_chunks))
         if on_chunk is not None:
           on_chunk(job, chunk)
         if sheet is not None:
@@ -568,6 +670,40 @@ def _describe(args, plan: ModelPlan, job: Job, position: str) -> str:
           + (f"\n  prompt: {job.prompt!r}" if job.label and job.prompt else ""))
 
 
+def _job_length(args, plan: ModelPlan, job: Job) -> tuple[int, int]:
+  """(chunks, frames) of a video: ``--num-frames`` (or the schedule's length) in whole chunks, trimmed to 4k+1."""
+  if job.schedule is not None and args.num_frames is None:
+    chunks = job.schedule.total_chunks
+  else:
+    chunks = max(1, math.ceil(plan.num_frames / plan.window))
+  return chunks, trimmed_frames(chunks, plan.window, plan.temporal)
+
+
+def _length_line(args, plan: ModelPlan, job: Job) -> str:
+  """The line before a video is generated: its chunks, frames and duration at --fps, and that memory stays flat."""
+  chunks, frames = _job_length(args, plan, job)
+  asked = ""
+  if (job.schedule is None or args.num_frames is not None) and frames != plan.num_frames:
+    asked = f" ({plan.num_frames} asked for, in whole chunks trimmed to 4k+1)"
+  return (f"  {chunks} chunk{'s' if chunks != 1 else ''} of {plan.window} frames: {frames} frames{asked}, "
+          f"{_duration(frames / args.fps)} of video at {args.fps} fps; memory stays flat (each chunk is written "
+          "to the mp4 as it is made)")
+
+
+def _warn_if_long(args, plan: ModelPlan, jobs: list[Job]) -> None:
+  """One warning line, before the model is loaded, when a video is longer than ``LONG_VIDEO_FRAMES`` and JAX runs on
+  the CPU."""
+  chunks, frames = max(_job_length(args, plan, job) for job in jobs)
+  if frames <= LONG_VIDEO_FRAMES:
+    return
+  import jax
+  if jax.default_backend() != "cpu":
+    return
+  print(f"warning: {frames} frames ({chunks} chunks{', the longest video' if len(jobs) > 1 else ''}) will take long "
+        "on a CPU: every chunk runs the whole model; each chunk's line says how long the rest takes",
+        file=sys.stderr, flush=True)
+
+
 def _run(argv: Sequence[str] | None, on_chunk: ChunkHook | None = None) -> int:
   args = build_parser().parse_args(argv)
   if not args.model:
@@ -586,8 +722,10 @@ def _run(argv: Sequence[str] | None, on_chunk: ChunkHook | None = None) -> int:
     print("nothing to do: every output exists (pass --overwrite to replace them)")
     return 0
 
+  _warn_if_long(args, plan, jobs)
   prompt_args = _PromptArguments(args, plan, jobs, inputs)
   t0 = time.perf_counter()
+  print(f"loading the model from {_show(args.model)} ...", flush=True)
   pipe = load_pipeline(args.model, plan, load_text_encoder=prompt_args.load_text_encoder)
   if args.unstack_layers:
     pipe.unstack_transformer_layers()
@@ -606,8 +744,9 @@ def _run(argv: Sequence[str] | None, on_chunk: ChunkHook | None = None) -> int:
       if job.schedule is not None and args.num_frames is None:
         call["num_frames"] = None  # the schedule's length
       print(_describe(args, plan, job, f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else ""), flush=True)
+      print(_length_line(args, plan, job), flush=True)
       try:
-        stats = _make_video(pipe, call, job, plan, args.fps, on_chunk)
+        stats = _make_video(pipe, call, job, plan, args.fps, on_chunk, i == 0)
       except KeyboardInterrupt:
         kept = f"; the {done} finished video{'s' if done != 1 else ''} before it {'are' if done != 1 else 'is'} kept"
         raise KeyboardInterrupt(f"interrupted; {job.out} was not written" + (kept if done else "")) from None

@@ -311,3 +311,242 @@ def test_help_and_version(capsys):
   assert all(a.help for a in sample.build_parser()._actions), "every option has a help text"
   assert sample.main(["--version"]) == 0
   assert __version__ in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What a newcomer meets first: the length plan, long-video warning, ETA, flushed start-up lines, --resize,
+# too-small inputs, created folders
+
+
+def test_crop_and_pad_shapes_and_content():
+  img = np.zeros((4, 8, 3), np.uint8)  # 8 wide, 4 high: columns numbered in channel 0, rows in channel 1
+  img[..., 0] = np.arange(8)[None, :]
+  img[..., 1] = np.arange(4)[:, None]
+  crop = media.crop_to_aspect(img, 4, 4)  # too wide for 1:1: the centre 4 columns, all rows
+  assert crop.shape == (4, 4, 3) and crop[0, :, 0].tolist() == [2, 3, 4, 5] and crop[:, 0, 1].tolist() == [0, 1, 2, 3]
+  assert media.crop_to_aspect(img, 2, 8).shape == (4, 1, 3)  # too wide for 1:4: one column (centre, rounded down)
+  assert media.crop_to_aspect(img, 80, 40).shape == (4, 8, 3)  # same aspect: untouched
+  np.testing.assert_array_equal(media.crop_to_aspect(img.transpose(1, 0, 2), 4, 4), img.transpose(1, 0, 2)[2:6])
+  pad = media.pad_to_aspect(img + 10, 4, 4)  # letterbox: 2 black rows above and below
+  assert pad.shape == (8, 8, 3)
+  assert (pad[:2] == 0).all() and (pad[6:] == 0).all()
+  np.testing.assert_array_equal(pad[2:6], img + 10)
+  edge = media.pad_to_aspect(img, 4, 4, fill="edge")
+  np.testing.assert_array_equal(edge[:3], np.stack([img[0]] * 3))  # edge rows repeated
+  np.testing.assert_array_equal(edge[6:], np.stack([img[3]] * 2))
+  pillar = media.pad_to_aspect(np.full((8, 2, 3), 7, np.uint8), 4, 4)  # pillarbox: 3 black columns each side
+  assert pillar.shape == (8, 8, 3) and (pillar[:, :3] == 0).all() and (pillar[:, 5:] == 0).all()
+  assert (pillar[:, 3:5] == 7).all()
+  assert media.crop_box(832, 480, 128, 128) == (176, 0, 656, 480) and media.pad_size(832, 480, 128, 128) == (
+      832, 832, 0, 176)
+  # fit_image: exactly the target size; stretch is the preprocessing's own resize (the default path unchanged)
+  rng = np.random.default_rng(0)
+  photo = PIL.Image.fromarray(rng.integers(0, 256, (30, 52, 3), dtype=np.uint8))
+  for mode in media.RESIZE_MODES:
+    assert media.fit_image(photo, 16, 24, mode).size == (16, 24)
+  np.testing.assert_array_equal(media.preprocess_image(media.fit_image(photo, 16, 24, "stretch"), 24, 16),
+                                media.preprocess_image(photo, 24, 16))
+  np.testing.assert_array_equal(np.asarray(media.fit_image(photo, 16, 24, "crop")), np.asarray(
+      PIL.Image.fromarray(np.asarray(photo)[:, 16:36]).resize((16, 24), PIL.Image.LANCZOS, reducing_gap=None)))
+  with pytest.raises(InputError, match="resize must be one of stretch, crop, pad"):
+    media.fit_image(photo, 16, 16, "zoom")
+
+
+def test_resize_notes():
+  note = media.resize_note
+  assert note((128, 128), (128, 128)) is None
+  assert note((1280, 768), (640, 384)) == "1280x768 is resized to 640x384"
+  assert note((1280, 768), (640, 384), "crop") == "1280x768 is resized to 640x384"  # nothing to crop
+  assert note((832, 480), (128, 128)) == "832x480 (1.73:1) is stretched to 128x128 (1:1)"
+  assert note((832, 480), (128, 128), "crop") == \
+      "832x480 (1.73:1) is centre-cropped to 480x480, then resized to 128x128 (1:1)"
+  assert note((832, 480), (128, 128), "pad") == \
+      "832x480 (1.73:1) is padded with black to 832x832, then resized to 128x128 (1:1)"
+  assert note((1, 1), (640, 384)) == "1x1 (1:1) is stretched to 640x384 (1.67:1)"
+  assert note((480, 832), (384, 640), "pad", "edge").startswith("480x832 (0.58:1) is padded with its edge pixels to")
+
+
+def _no_generation(monkeypatch, calls=None):
+  """load_pipeline and _make_video replaced: records each video's pipeline call, generates nothing."""
+  monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: object())
+
+  def fake(pipe, call, job, *a):
+    if calls is not None:
+      calls.append(call)
+    return sample._VideoStats(frames=1, chunks=[1.0], total=1.0, size=(64, 64))
+
+  monkeypatch.setattr(sample, "_make_video", fake)
+
+
+def test_resize_messages_and_modes(tmp_path, capsys, monkeypatch):
+  calls = []
+  _no_generation(monkeypatch, calls)
+  wide = np.random.default_rng(1).integers(0, 256, (480, 832, 3), dtype=np.uint8)
+  PIL.Image.fromarray(wide).save(tmp_path / "wide.png")
+  base = [*SMALL, "--num-frames", "33", "--out", str(tmp_path / "v.mp4")]
+  assert sample.main([*base, "--mode", "i2v", "--image", str(tmp_path / "wide.png")]) == 0
+  out = capsys.readouterr().out
+  assert "wide.png: 832x480 (1.73:1) is stretched to 64x64 (1:1) (--resize crop or pad keeps its aspect ratio)" in out
+  original = calls[-1]["image"]  # stretch: the image as read, left to the pipeline's diffusers-identical resize
+  assert original.size == (832, 480)
+  np.testing.assert_array_equal(np.asarray(original), wide)
+  assert sample.main([*base, "--mode", "i2v", "--image", str(tmp_path / "wide.png"), "--resize", "crop"]) == 0
+  assert "wide.png: 832x480 (1.73:1) is centre-cropped to 480x480, then resized to 64x64 (1:1)\n" in \
+      capsys.readouterr().out
+  np.testing.assert_array_equal(np.asarray(calls[-1]["image"]), np.asarray(media.fit_image(original, 64, 64, "crop")))
+  # a V2V video, letterboxed with black: bars above and below, the (grey) picture between them
+  media.write_video(str(tmp_path / "wide.mp4"), np.full((33, 60, 104, 3), 200, np.uint8))
+  assert sample.main([*base, "--mode", "v2v", "--video", str(tmp_path / "wide.mp4"), "--resize", "pad"]) == 0
+  assert "wide.mp4: 104x60 (1.73:1) is padded with black to 104x104, then resized to 64x64 (1:1)" in \
+      capsys.readouterr().out
+  video = calls[-1]["video"]
+  assert video.shape == (33, 64, 64, 3)
+  assert video[:, :10].max() <= 2 and video[:, 54:].max() <= 2 and abs(int(video[:, 20:44].mean()) - 200) <= 3
+  assert sample.main([*base, "--mode", "v2v", "--video", str(tmp_path / "wide.mp4")]) == 0
+  assert "wide.mp4: 104x60 (1.73:1) is stretched to 64x64 (1:1)" in capsys.readouterr().out
+  assert abs(int(calls[-1]["video"].mean()) - 200) <= 3
+  # same aspect ratio: a plain "resized"; the right size: nothing
+  assert sample.main([*base, "--mode", "i2v", "--image", DEMO.image]) == 0
+  assert "start.png: 128x128 is resized to 64x64\n" in capsys.readouterr().out
+  PIL.Image.fromarray(wide[:64, :64]).save(tmp_path / "exact.png")
+  assert sample.main([*base, "--mode", "i2v", "--image", str(tmp_path / "exact.png")]) == 0
+  assert "exact.png:" not in capsys.readouterr().out
+  # --pad-fill only with --resize pad; --resize only with an input to fit
+  assert sample.main([*base, "--mode", "i2v", "--image", DEMO.image, "--pad-fill", "edge"]) == 2
+  assert capsys.readouterr().err.strip() == "error: --pad-fill goes with --resize pad"
+  assert sample.main([*base, "--prompt", "x", "--resize", "crop"]) == 2
+  assert "--resize crop fits an --image or --video" in capsys.readouterr().err
+
+
+def test_too_small_inputs_are_refused(tmp_path, capsys, monkeypatch):
+  def no_loading(*a, **k):
+    raise AssertionError("a model was loaded")
+
+  monkeypatch.setattr(sample, "load_pipeline", no_loading)
+  PIL.Image.new("RGB", (1, 1), (255, 0, 0)).save(tmp_path / "dot.png")
+  media.write_video(str(tmp_path / "tiny.mp4"), np.zeros((33, 6, 6, 3), np.uint8))
+  base = [*SMALL, "--out", str(tmp_path / "v.mp4")]
+  for argv, what in ((["--mode", "i2v", "--image", str(tmp_path / "dot.png")], "start image .*dot.png is 1x1"),
+                     (["--mode", "v2v", "--video", str(tmp_path / "tiny.mp4")], "start video .*tiny.mp4 is 6x6")):
+    assert sample.main([*base, *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(f"error: {what} pixels: too small to start a video from "
+                                            r"\(at least 8x8 is needed\)", lines[0]), lines
+  with pytest.raises(InputError, match="is 8x7 pixels"):
+    media.check_input_size((8, 7), "image")
+  media.check_input_size((8, 8), "image")
+
+
+def test_long_video_plan_warning_and_created_folder(tmp_path, capsys, monkeypatch):
+  _no_generation(monkeypatch)
+  out = tmp_path / "new" / "deeper" / "v.mp4"
+  assert sample.main([*SMALL, "--num-frames", "100000", "--out", str(out)]) == 0
+  text = capsys.readouterr()
+  assert f"created folder {out.parent}\n" in text.out and out.parent.is_dir()
+  assert "  3031 chunks of 33 frames: 100021 frames (100000 asked for, in whole chunks trimmed to 4k+1), 1 h 09 min " \
+         "of video at 24 fps; memory stays flat (each chunk is written to the mp4 as it is made)" in text.out
+  warning = [line for line in text.err.splitlines() if line.startswith("warning:")]
+  assert warning == ["warning: 100021 frames (3031 chunks) will take long on a CPU: every chunk runs the whole "
+                     "model; each chunk's line says how long the rest takes"]
+  assert text.out.index("created folder") < text.out.index("loading the model from")
+  # a minute of video (44 chunks) passes without the warning; the folder now exists: no message
+  assert sample.main([*SMALL, "--num-frames", "1452", "--fps", "12", "--out", str(out)]) == 0
+  text = capsys.readouterr()
+  assert "warning" not in text.err and "created folder" not in text.out
+  assert "44 chunks of 33 frames: 1449 frames (1452 asked for, in whole chunks trimmed to 4k+1), 2 min 01 s of video " \
+         "at 12 fps" in text.out
+
+
+def test_eta_and_durations():
+  assert sample._eta([30.0], 1) == ""
+  assert sample._eta([30.0], 5) == "; ETA after the next chunk"  # the first chunk's time includes compilation
+  assert sample._eta([30.0, 4.0], 5) == "; about 12 s left (3 chunks)"
+  assert sample._eta([30.0, 4.0, 6.0, 100.0], 5) == "; about 6.0 s left (1 chunk)"  # median: one stall is ignored
+  assert sample._eta([30.0, 4.2], 3031) == "; about 3 h 32 min left (3029 chunks)"
+  assert [sample._duration(s) for s in (3.14, 42.4, 59.6, 245, 4167.5)] == [
+      "3.1 s", "42 s", "1 min 00 s", "4 min 05 s", "1 h 09 min"]
+
+
+class _FlushLog:
+  """A stdout that keeps only what was flushed: what a log file shows while the run goes on."""
+
+  def __init__(self):
+    self.pending, self.flushed = "", ""
+
+  def write(self, text):
+    self.pending += text
+    return len(text)
+
+  def flush(self):
+    self.flushed += self.pending
+    self.pending = ""
+
+  def isatty(self):
+    return False
+
+
+class _FakeStream:
+  """A pipe.stream stand-in: 4 chunks of 33 black 64x64 frames with set intervals; checks what was flushed."""
+
+  def __init__(self, log):
+    self.log, self.num_chunks, self.num_frames, self.width, self.height = log, 4, 129, 64, 64
+    self.intervals = [0.0, 4.0, 6.0, 5.0]
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    pass
+
+  def __iter__(self):
+    from helios_jax.pipelines.stream import StreamChunk
+    for k in range(self.num_chunks):
+      if k == 0:
+        assert self.log.flushed.endswith("generating chunk 1/4 (it includes compiling the model) ...\n")
+      else:
+        assert self.log.flushed.splitlines()[-1].startswith(f"chunk {k}/4: ")
+      n = 33 if k < 3 else 30
+      yield StreamChunk(index=k, frames=np.zeros((n, 64, 64, 3), np.uint8), first_frame=33 * k,
+                        timings={"interval_s": self.intervals[k]}, prompt={})
+
+
+def test_start_up_and_chunk_lines_are_flushed_when_redirected(tmp_path, monkeypatch):
+  log = _FlushLog()
+
+  class Pipe:
+    def stream(self, **call):
+      assert log.flushed.endswith("encoding the prompt ...\n")
+      return _FakeStream(log)
+
+  def load(*a, **k):
+    assert log.flushed.splitlines()[-1].startswith("loading the model from ")
+    return Pipe()
+
+  monkeypatch.setattr(sample, "load_pipeline", load)
+  monkeypatch.setattr(sys, "stdout", log)
+  assert sample.main([*SMALL, "--num-frames", "129", "--out", str(tmp_path / "v.mp4")]) == 0
+  assert log.pending == ""
+  lines = log.flushed.splitlines()
+  chunks = [line for line in lines if line.startswith("chunk ")]
+  assert [line.split(";", 1)[-1].strip() if ";" in line else "" for line in chunks] == [
+      "ETA after the next chunk", "about 8.0 s left (2 chunks)", "about 5.0 s left (1 chunk)", ""]
+  assert media.video_info(str(tmp_path / "v.mp4"))["frames"] == 129
+
+
+def test_demo_i2v_into_a_new_folder(tmp_path, capsys):
+  """A real run (bundled demo, 64x64, 2 steps, 33 frames): the folder, resize and start-up lines."""
+  PIL.Image.open(DEMO.image).crop((0, 32, 128, 96)).save(tmp_path / "strip.png")  # 128x64, 2:1
+  out = tmp_path / "made" / "v.mp4"
+  rc, seen = run(["--mode", "i2v", "--image", str(tmp_path / "strip.png"), "--resize", "crop", "--num-frames", "33",
+                  "--out", str(out)])
+  text = capsys.readouterr()
+  assert rc == 0, text.err
+  lines = text.out.splitlines()
+  order = [f"created folder {out.parent}", "start image ", "loading the model from ", "Helios-Base i2v: 33 frames",
+           "  1 chunk of 33 frames: 33 frames, 1.4 s of video at 24 fps; memory stays flat",
+           "encoding the prompt and the start image ...", "generating chunk 1/1 (it includes compiling the model) ...",
+           "chunk 1/1: frames 0-32, first chunk after", f"wrote {out}: 33 frames, 64x64"]
+  at = [next(i for i, line in enumerate(lines) if line.startswith(head)) for head in order]
+  assert at == sorted(at), text.out
+  assert "strip.png: 128x64 (2:1) is centre-cropped to 64x64 (1:1)" in text.out
+  assert media.video_info(str(out))["frames"] == 33 and len(seen[str(out)]) == 1

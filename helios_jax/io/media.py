@@ -81,7 +81,7 @@ def _reason(e: BaseException) -> str:
 
 
 def read_video(path: str | os.PathLike, size: tuple[int, int] | None = None,
-               max_frames: int | None = None) -> np.ndarray:
+               max_frames: int | None = None, resize: str = "stretch", pad_fill: str = "black") -> np.ndarray:
   """Decodes a video file (mp4, webm, mkv, gif, ... anything FFmpeg reads) to RGB frames.
 
   Args:
@@ -89,6 +89,8 @@ def read_video(path: str | os.PathLike, size: tuple[int, int] | None = None,
     size: optional ``(width, height)``; each frame is then resized as it is decoded (PIL Lanczos, exactly as the
       preprocessing does), which keeps memory at the target resolution for long or large videos.
     max_frames: stop after this many frames.
+    resize: how a frame of another aspect ratio is fitted to ``size`` (:func:`fit_image`): "stretch" (the default,
+      the preprocessing's plain resize), "crop" or "pad" (with ``pad_fill``).
 
   Returns:
     uint8 array (F, H, W, 3).
@@ -99,6 +101,7 @@ def read_video(path: str | os.PathLike, size: tuple[int, int] | None = None,
   import av
   PIL = _pil()
   path = os.fspath(path)
+  _check_fit(resize, pad_fill)
   if not os.path.isfile(path):
     raise InputError(f"video file not found: {path}")
   frames = []
@@ -112,7 +115,9 @@ def read_video(path: str | os.PathLike, size: tuple[int, int] | None = None,
         img = frame.to_image()
         if img.mode != "RGB":
           img = img.convert("RGB")
-        if size is not None and img.size != tuple(size):
+        if size is not None and resize != "stretch":
+          img = fit_image(img, size[0], size[1], resize, pad_fill)
+        elif size is not None and img.size != tuple(size):
           img = img.resize(tuple(size), resample=PIL.Image.LANCZOS, reducing_gap=None)
         frames.append(np.asarray(img, np.uint8))
         if max_frames is not None and len(frames) >= max_frames:
@@ -275,6 +280,153 @@ def preprocess_video(video, height: int, width: int, vae_scale_factor: int = 8) 
     else:
       raise InputError(f"video must be uint8 (0..255) or floating point (0..1), got dtype {arr.dtype}")
   return np.ascontiguousarray(signed.astype(np.float32).transpose(3, 0, 1, 2)[None])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fitting an input of another size or aspect ratio (sample.py's --resize), and saying what was done
+#
+# The preprocessing above stretches (diffusers' behaviour). These pure functions offer the alternatives: centre
+# crop to the target aspect ratio, or pad (letterbox / pillarbox) to it, each followed by the same Lanczos resize.
+
+RESIZE_MODES = ("stretch", "crop", "pad")
+PAD_FILLS = ("black", "edge")
+MIN_INPUT_SIZE = 8  # smallest width and height of an input image / video frame that is accepted (pixels)
+
+
+def _check_fit(mode: str, fill: str) -> None:
+  if mode not in RESIZE_MODES:
+    raise InputError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+  if fill not in PAD_FILLS:
+    raise InputError(f"pad fill must be one of {', '.join(PAD_FILLS)}, got {fill!r}")
+
+
+def aspect_label(width: int, height: int) -> str:
+  """An aspect ratio as ``"1.73:1"`` (two decimals, trailing zeros dropped: ``"1:1"``, ``"0.6:1"``)."""
+  return f"{width / height:.2f}".rstrip("0").rstrip(".") + ":1"
+
+
+def crop_box(src_width: int, src_height: int, width: int, height: int) -> tuple[int, int, int, int]:
+  """The centred ``(left, top, right, bottom)`` box of a ``src_width`` x ``src_height`` image with the aspect ratio
+  ``width``:``height`` (rounded to whole pixels; the whole image when the ratios already agree)."""
+  if src_width * height > width * src_height:  # too wide: keep the full height
+    w = min(src_width, max(1, (src_height * width + height // 2) // height))
+    left = (src_width - w) // 2
+    return left, 0, left + w, src_height
+  h = min(src_height, max(1, (src_width * height + width // 2) // width))
+  top = (src_height - h) // 2
+  return 0, top, src_width, top + h
+
+
+def pad_size(src_width: int, src_height: int, width: int, height: int) -> tuple[int, int, int, int]:
+  """``(padded_width, padded_height, left, top)``: the smallest canvas with the aspect ratio ``width``:``height``
+  that holds a ``src_width`` x ``src_height`` image, and where the image sits in it (centred)."""
+  if src_width * height > width * src_height:  # too wide: pad above and below
+    h = max(src_height, (src_width * height + width // 2) // width)
+    return src_width, h, 0, (h - src_height) // 2
+  w = max(src_width, (src_height * width + height // 2) // height)
+  return w, src_height, (w - src_width) // 2, 0
+
+
+def _as_array(image) -> np.ndarray:
+  if _is_pil(image):
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+  arr = np.asarray(image)
+  if arr.ndim != 3:
+    raise InputError(f"image must be an (H, W, C) array, got shape {arr.shape}")
+  return arr
+
+
+def crop_to_aspect(image, width: int, height: int) -> np.ndarray:
+  """``image`` (PIL or (H, W, C) array) centre-cropped to the aspect ratio ``width``:``height`` (no resize), as an
+  (h, w, C) array (PIL images as RGB uint8). See :func:`crop_box`."""
+  arr = _as_array(image)
+  left, top, right, bottom = crop_box(arr.shape[1], arr.shape[0], width, height)
+  return arr[top:bottom, left:right].copy()
+
+
+def pad_to_aspect(image, width: int, height: int, fill: str = "black") -> np.ndarray:
+  """``image`` (PIL or (H, W, C) array) padded, centred, to the aspect ratio ``width``:``height`` (no resize), as
+  an (h, w, C) array; the border is black (zeros) or, with ``fill="edge"``, the image's edge pixels repeated.
+  See :func:`pad_size`."""
+  _check_fit("pad", fill)
+  arr = _as_array(image)
+  pw, ph, left, top = pad_size(arr.shape[1], arr.shape[0], width, height)
+  pads = ((top, ph - arr.shape[0] - top), (left, pw - arr.shape[1] - left), (0, 0))
+  return np.pad(arr, pads, mode="edge") if fill == "edge" else np.pad(arr, pads, mode="constant")
+
+
+def fit_image(image, width: int, height: int, mode: str = "stretch", fill: str = "black"):
+  """``image`` (PIL, or an (H, W, 3) uint8 array) as an RGB ``PIL.Image`` of exactly ``width`` x ``height``.
+
+  ``mode``: "stretch" resizes as the preprocessing does (Lanczos, ``reducing_gap=None``; the aspect ratio follows
+  the target's); "crop" first centre-crops to the target aspect ratio (:func:`crop_to_aspect`); "pad" first pads
+  to it with ``fill`` (:func:`pad_to_aspect`). The preprocessing leaves an image of the target size as it is, so
+  handing the result to the pipeline gives exactly this fitting.
+  """
+  _check_fit(mode, fill)
+  PIL = _pil()
+  if _is_pil(image):
+    img = image if image.mode == "RGB" else image.convert("RGB")
+  else:
+    img = _uint8_to_pil(np.asarray(image), "image").convert("RGB")
+  if mode == "crop":
+    img = PIL.Image.fromarray(crop_to_aspect(img, width, height))
+  elif mode == "pad":
+    img = PIL.Image.fromarray(pad_to_aspect(img, width, height, fill))
+  if img.size != (width, height):
+    img = img.resize((width, height), resample=PIL.Image.LANCZOS, reducing_gap=None)
+  return img
+
+
+def check_input_size(size: tuple[int, int], what: str) -> None:
+  """Refuses an input whose ``(width, height)`` is below :data:`MIN_INPUT_SIZE` on either side.
+
+  Raises:
+    InputError: naming ``what`` (e.g. "image first.png") and its size.
+  """
+  w, h = size
+  if w < MIN_INPUT_SIZE or h < MIN_INPUT_SIZE:
+    raise InputError(f"{what} is {w}x{h} pixels: too small to start a video from (at least "
+                     f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} is needed)")
+
+
+def resize_note(src: tuple[int, int], dst: tuple[int, int], mode: str = "stretch", fill: str = "black"
+                ) -> str | None:
+  """What fitting a ``src`` = (width, height) input to ``dst`` does, in words; None when the sizes are equal.
+
+  E.g. ``"1280x768 is resized to 640x384"``, ``"832x480 (1.73:1) is stretched to 128x128 (1:1)"``,
+  ``"832x480 (1.73:1) is centre-cropped to 480x480, then resized to 128x128 (1:1)"``, ``"832x480 (1.73:1) is
+  padded with black to 832x832, then resized to 128x128 (1:1)"``. The aspect ratio counts as changed when
+  :func:`aspect_label` differs.
+  """
+  _check_fit(mode, fill)
+  (sw, sh), (dw, dh) = tuple(src), tuple(dst)
+  if (sw, sh) == (dw, dh):
+    return None
+  a_src, a_dst = aspect_label(sw, sh), aspect_label(dw, dh)
+  if mode == "crop":
+    left, top, right, bottom = crop_box(sw, sh, dw, dh)
+    mid, how = (right - left, bottom - top), "centre-cropped"
+  elif mode == "pad":
+    pw, ph, _, _ = pad_size(sw, sh, dw, dh)
+    mid, how = (pw, ph), f"padded with {'black' if fill == 'black' else 'its edge pixels'}"
+  else:
+    mid, how = (sw, sh), ""
+  if a_src == a_dst and mid == (sw, sh):
+    return f"{sw}x{sh} is resized to {dw}x{dh}"
+  if mid == (sw, sh):  # stretch (or crop / pad with nothing to take away or add)
+    return f"{sw}x{sh} ({a_src}) is stretched to {dw}x{dh} ({a_dst})"
+  then = "" if mid == (dw, dh) else f", then resized to {dw}x{dh}"
+  return f"{sw}x{sh} ({a_src}) is {how} to {mid[0]}x{mid[1]}{then} ({a_dst})"
+
+
+def video_frame_size(path: str | os.PathLike) -> tuple[int, int]:
+  """``(width, height)`` of a video file's first decodable frame (what :func:`read_video` gets before resizing).
+
+  Raises:
+    InputError: as :func:`read_video`.
+  """
+  return tuple(int(n) for n in read_video(path, max_frames=1).shape[2:0:-1])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -457,4 +609,6 @@ def video_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = ["load_image", "read_video", "preprocess_image", "preprocess_video", "write_video", "check_writable",
-           "contact_sheet", "write_contact_sheet", "video_info", "to_uint8", "DEFAULT_FPS"]
+           "contact_sheet", "write_contact_sheet", "video_info", "to_uint8", "DEFAULT_FPS", "RESIZE_MODES",
+           "PAD_FILLS", "MIN_INPUT_SIZE", "aspect_label", "crop_box", "pad_size", "crop_to_aspect", "pad_to_aspect",
+           "fit_image", "check_input_size", "resize_note", "video_frame_size"]
