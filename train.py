@@ -3,7 +3,8 @@
   python train.py --config configs/base.py:tiny --workdir /tmp/run [--config.total_steps=100 ...]
 
 Resumes automatically from the latest checkpoint in --workdir; Ctrl-C or SIGTERM saves and exits with status 130
-or 143 (a second Ctrl-C exits at once, without saving).
+or 143 (a second Ctrl-C exits at once, without saving; before the first step is done, e.g. while XLA compiles it,
+there is nothing to save and the first signal exits at once).
 """
 
 from __future__ import annotations

@@ -371,3 +371,27 @@ def test_train_py_exit_status_after_signal(tmp_path):
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 143, (out, err)
   assert "stopped by SIGTERM" in out and "run the same command to resume" in err
+
+
+def test_train_py_stops_at_once_during_the_first_compile(tmp_path):
+  """A signal before the first step is done (XLA compiling, Python handlers waiting) ends the run at once, 143."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, os.path.join(root, "train.py"), "--config", "configs/base.py:tiny",
+                           "--workdir", str(workdir), "--config.total_steps=100000", "--noprogress"], cwd=root,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None and not (workdir / "config.json").exists():
+    time.sleep(0.05)  # config.json is written just before the step loop starts
+  assert proc.poll() is None, proc.communicate()
+  time.sleep(0.5)
+  rows = workdir / "metrics.jsonl"
+  assert not rows.exists() or rows.read_text() == ""  # still inside the first step (it compiles for seconds)
+  t0 = time.time()
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, (out, err)
+  assert time.time() - t0 < 3.0, "the run waited for the compiler"
+  assert "before the first step finished: nothing to save" in err

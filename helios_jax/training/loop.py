@@ -28,17 +28,61 @@ class TrainingError(HeliosError):
 
 
 class _StopFlag:
-  """Set by SIGTERM / SIGINT; the loop saves a checkpoint and returns at the next step boundary."""
+  """Set by SIGTERM / SIGINT; the loop saves a checkpoint and returns at the next step boundary.
+
+  Before the run's first step is done there is nothing to save, but that step may spend a minute in XLA's compiler,
+  where Python signal handlers do not run. A watcher thread, woken through ``signal.set_wakeup_fd`` the moment a
+  signal arrives, then ends the process at once (exit status 128 + signal) instead of letting it wait for the
+  compiler. Once a step is done (:meth:`step_done`) the signal only sets the flag, as before.
+  """
 
   def __init__(self):
     self.signum = None
     self._old = {}
+    self._idle = True  # no step done yet in this run: nothing to save
+    self._wakeup = None
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
       for s in (signal.SIGTERM, signal.SIGINT):
         self._old[s] = signal.signal(s, self._handle)
+      self._start_watcher()
     return self
+
+  def _start_watcher(self) -> None:
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+      old_fd = signal.set_wakeup_fd(w)
+    except ValueError:  # not the main thread of the main interpreter
+      os.close(r)
+      os.close(w)
+      return
+    self._wakeup = (r, w, old_fd)
+    threading.Thread(target=self._watch, args=(r,), name="helios-stop-watcher", daemon=True).start()
+
+  def _watch(self, fd: int) -> None:
+    try:
+      self._wait_for_signals(fd)
+    finally:
+      os.close(fd)
+
+  def _wait_for_signals(self, fd: int) -> None:
+    while True:
+      try:
+        data = os.read(fd, 1)
+      except OSError:
+        return
+      if not data or data == b"\0":  # closed, or the loop ended
+        return
+      signum = data[0]
+      if self._idle and signum in (signal.SIGTERM, signal.SIGINT):
+        name = signal.Signals(signum).name
+        os.write(2, f"\nstopped by {name} before the first step finished: nothing to save, exiting now\n".encode())
+        os._exit(128 + signum)
+
+  def step_done(self) -> None:
+    self._idle = False
 
   def _handle(self, signum, frame):
     if self.signum is not None and signum == signal.SIGINT:
@@ -48,6 +92,14 @@ class _StopFlag:
   def __exit__(self, *exc):
     for s, h in self._old.items():
       signal.signal(s, h)
+    if self._wakeup is not None:
+      r, w, old_fd = self._wakeup
+      signal.set_wakeup_fd(old_fd)
+      try:
+        os.write(w, b"\0")  # ends the watcher
+      except OSError:
+        pass
+      os.close(w)
 
 
 OpenRun = collections.namedtuple("OpenRun", "state ckpt resumed_from start save")
@@ -122,6 +174,7 @@ def run(*, start: int, total: int, next_batch: Callable[[], dict], do_step: Call
           values = ", ".join(f"{k}={metrics[k]}" for k in bad)
           raise TrainingError(f"non-finite values at step {step + 1} ({values}); stopping, {kept}")
         commit()
+        stop.step_done()
         losses.append(metrics.get(loss_key, float("nan")))
         if (step + 1) % log_every == 0 or step + 1 == total:
           writer.write(step + 1, dict(metrics, **(extra_metrics(metrics) if extra_metrics else {})))
