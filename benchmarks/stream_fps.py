@@ -19,20 +19,16 @@ benchmarks/fps.py: prompts map to fixed random embeddings. Records go to ``--out
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import json
 import os
-import socket
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.fps import SETTINGS, build_on_device, peak_gib  # noqa: E402
@@ -97,12 +93,6 @@ def long_run(pipe, call: dict, chunks: int) -> dict:
   out.update(device_gib_per_chunk=dev, rss_gib_per_chunk=rss, device_growth_gib_after_chunk5=round(dev[-1] - dev[k], 3),
              rss_growth_gib_after_chunk5=round(rss[-1] - rss[k], 3))
   return out
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def main():
@@ -190,7 +180,7 @@ class ServerHarness:
     pipe.encode_prompt = lambda prompt, negative_prompt=None, do_classifier_free_guidance=True, \
         max_sequence_length=512: (emb, emb if do_classifier_free_guidance else None)
     try:
-      import av  # noqa: F401
+      import av  # noqa: F401  (PyAV writes the server's mp4s)
       self.mp4 = True
     except ImportError:
       self.mp4 = False

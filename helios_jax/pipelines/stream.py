@@ -15,7 +15,6 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -21,7 +21,7 @@ import queue
 import secrets
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
