@@ -186,9 +186,10 @@ def inspect_model_folder(model: str, *, height: int | None = None, width: int | 
                    temporal=temporal, window=8 * temporal + 1, has_text_encoder=has_text)
 
 
-def load_pipeline(model: str, plan: ModelPlan, load_text_encoder: bool = True):
+def load_pipeline(model: str, plan: ModelPlan, load_text_encoder: bool = True, quantization: str | None = None):
   """Loads ``model`` as the pipeline class ``plan`` calls for (``HeliosPyramidPipeline`` or ``HeliosPipeline``),
-  the transformer and text encoder in ``plan.dtype``, the VAE in fp32.
+  the transformer and text encoder in ``plan.dtype``, the VAE in fp32; ``quantization="fp8"`` stores the
+  transformer blocks' linear kernels in float8 (per-channel scales; :mod:`helios_jax.models.fp8`).
 
   Raises:
     CheckpointError: a component's weights are missing or do not fit its config.
@@ -196,7 +197,8 @@ def load_pipeline(model: str, plan: ModelPlan, load_text_encoder: bool = True):
   from helios_jax.pipelines import HeliosPipeline, HeliosPyramidPipeline
   cls = HeliosPyramidPipeline if plan.pyramid else HeliosPipeline
   return cls.from_pretrained(model, dtype=plan.jax_dtype, text_encoder_dtype=plan.jax_dtype,
-                             load_text_encoder=load_text_encoder)
+                             load_text_encoder=load_text_encoder,
+                             quantization=None if quantization in (None, "none") else quantization)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -297,18 +297,26 @@ class HeliosTransformer3DModel(nnx.Module):
   @classmethod
   def from_pretrained(cls, path: str, dtype: Any = jnp.float32, attention_implementation: str = "auto",
                       remat_policy: str = "none", precision: str | None = None,
-                      fuse_qkv: bool = False) -> "HeliosTransformer3DModel":
+                      fuse_qkv: bool = False, quantization: str | None = None,
+                      fp8_scaling: str = "channel") -> "HeliosTransformer3DModel":
     """Loads a diffusers-format transformer folder (or a pipeline folder with a ``transformer/`` subfolder).
 
     Handles one file or sharded safetensors with an index, fp32 or bf16 storage, and the official repository's
     older key names. Tensors are streamed one parameter at a time: host memory peaks at one stacked parameter, not
-    at the checkpoint's size.
+    at the checkpoint's size. ``quantization="fp8"`` then stores the blocks' linear kernels in float8_e4m3fn with
+    ``fp8_scaling`` ("channel" or "tensor") scales (:mod:`helios_jax.models.fp8`), one kernel at a time.
     """
+    if quantization not in (None, "none", "fp8"):
+      raise InputError(f"quantization must be None, 'none' or 'fp8', got {quantization!r}")
     from helios_jax.io import transformer_weights  # local import: io depends on this module
-    return transformer_weights.load_transformer(cls, path, dtype=dtype,
-                                                attention_implementation=attention_implementation,
-                                                remat_policy=remat_policy, precision=precision,
-                                                fuse_qkv=fuse_qkv)
+    model = transformer_weights.load_transformer(cls, path, dtype=dtype,
+                                                 attention_implementation=attention_implementation,
+                                                 remat_policy=remat_policy, precision=precision,
+                                                 fuse_qkv=fuse_qkv)
+    if quantization == "fp8":
+      from helios_jax.models.fp8 import quantize_blocks
+      quantize_blocks(model, fp8_scaling)
+    return model
 
   @classmethod
   def abstract(cls, config: HeliosTransformerConfig) -> "HeliosTransformer3DModel":

@@ -136,10 +136,12 @@ class HeliosPipelineBase:
   @classmethod
   def from_pretrained(cls, path: str, dtype: Any = jnp.bfloat16, vae_dtype: Any = jnp.float32,
                       text_encoder_dtype: Any = jnp.bfloat16, load_text_encoder: bool = True,
-                      load_vae: bool = True, attention_implementation: str = "auto"):
+                      load_vae: bool = True, attention_implementation: str = "auto", quantization: str | None = None,
+                      fp8_scaling: str = "channel"):
     """Loads a diffusers-format Helios folder (``model_index.json``, ``scheduler/``, ``transformer/``, and optionally
     ``vae/``, ``text_encoder/``, ``tokenizer/``). Missing optional components are None: then pass
     ``prompt_embeds`` instead of prompts, and latents instead of images/videos, and use ``output_type="latent"``.
+    ``quantization="fp8"``: the transformer blocks' linear kernels in float8 (see :meth:`quantize_transformer`).
     """
     from helios_jax.models.transformer import HeliosTransformer3DModel
     from helios_jax.schedulers import scheduler_from_pretrained
@@ -155,7 +157,8 @@ class HeliosPipelineBase:
         raise CheckpointError(f"{path} has no {required}/ folder")
     scheduler = scheduler_from_pretrained(os.path.join(path, "scheduler"))
     transformer = HeliosTransformer3DModel.from_pretrained(os.path.join(path, "transformer"), dtype=dtype,
-                                                           attention_implementation=attention_implementation)
+                                                           attention_implementation=attention_implementation,
+                                                           quantization=quantization, fp8_scaling=fp8_scaling)
     vae = text_encoder = tokenizer = None
     if load_vae and os.path.isdir(os.path.join(path, "vae")):
       from helios_jax.models.vae import AutoencoderKLWan
@@ -208,6 +211,16 @@ class HeliosPipelineBase:
                                 nnx.state(self.transformer.blocks))
     nnx.update(self.transformer.blocks, placeholders)
     self._split = (graphdef, (nnx.split(self.transformer)[1], layers))
+
+  def quantize_transformer(self, scaling: str = "channel") -> int:
+    """Stores the transformer blocks' linear kernels in float8_e4m3fn with per-channel (or per-tensor) scales;
+    activations are scaled per tensor at run time (:mod:`helios_jax.models.fp8`). Returns the number of fp8
+    parameters. Before :meth:`unstack_transformer_layers`, not after."""
+    from helios_jax.models.fp8 import quantize_blocks
+    if self._split is not None and isinstance(self._split[1], tuple):
+      raise InputError("quantize the transformer before unstack_transformer_layers(), not after")
+    self._split = None
+    return quantize_blocks(self.transformer, scaling)
 
   def free_text_encoder(self):
     """Drops the text encoder (11 GB for UMT5-XXL) once prompts are encoded; pass embeddings afterwards."""
