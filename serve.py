@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--width", type=int, help="frame width of every stream (default: the model folder's)")
   p.add_argument("--dtype", choices=("bf16", "fp32"), help="transformer and text-encoder dtype (default: the "
                                                            "model folder's, else bf16)")
+  p.add_argument("--quantization", choices=("none", "fp8"), default="none",
+                 help="fp8: the transformer blocks' linear weights in float8 (Hopper GPUs; see sample.py --help)")
   p.add_argument("--seed", type=int, default=d.seed, help=f"seed of a stream whose client gives none "
                                                           f"(default {d.seed})")
   p.add_argument("--blend-chunks", type=int, default=d.blend_chunks,
@@ -84,7 +86,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           height=args.height, width=args.width, dtype=args.dtype, seed=args.seed,
                           blend_chunks=args.blend_chunks, max_upload_mb=args.max_upload_mb,
                           max_frames=args.max_frames, jpeg_quality=args.jpeg_quality, video_dir=args.video_dir,
-                          keep_videos=args.keep_videos)
+                          keep_videos=args.keep_videos, quantization=args.quantization)
   except HeliosError as e:  # the message starts with the field's name: name the option instead
     field, _, rest = str(e).partition(" ")
     raise UsageError(f"--{field.replace('_', '-')} {rest}") from None

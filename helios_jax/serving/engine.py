@@ -255,7 +255,7 @@ def load_engine(settings: ServerSettings) -> Engine:
     raise CheckpointError(f"{model} has no text_encoder/ and tokenizer/: the server encodes its clients' prompts, "
                           "so it needs a model folder with both")
   t0 = time.perf_counter()
-  pipe = load_pipeline(model, plan)
+  pipe = load_pipeline(model, plan, quantization=settings.quantization)
   logger.info("loaded %s in %.1f s", model, time.perf_counter() - t0)
   name = "bundled demo model" if demo else os.path.basename(os.path.normpath(model))
   return Engine(pipe, plan, settings, name, demo)

@@ -25,6 +25,7 @@ class ServerSettings:
     video_dir: where the mp4 of each stream is written (None: a new temporary folder).
     keep_videos: how many finished mp4s are kept (older ones are deleted).
     prefetch: chunks the pipeline dispatches ahead of the one being sent (``pipe.stream(prefetch=...)``).
+    quantization: "none", or "fp8" for float8 transformer block weights (:mod:`helios_jax.models.fp8`).
   """
 
   model: str | None = None
@@ -41,6 +42,7 @@ class ServerSettings:
   video_dir: str | None = None
   keep_videos: int = 20
   prefetch: int = 1
+  quantization: str = "none"
 
   def __post_init__(self):
     from helios_jax.errors import InputError
@@ -56,6 +58,8 @@ class ServerSettings:
       raise InputError(f"blend_chunks must be between 0 and 64, got {self.blend_chunks}")
     if self.prefetch < 0:
       raise InputError(f"prefetch must be >= 0, got {self.prefetch}")
+    if self.quantization not in ("none", "fp8"):
+      raise InputError(f"quantization must be 'none' or 'fp8', got {self.quantization!r}")
 
   @property
   def max_upload_bytes(self) -> int:
