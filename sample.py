@@ -608,6 +608,27 @@ def _encoding_line(call: dict) -> str | None:
   return f"encoding {' and '.join(parts)} ..." if parts else None
 
 
+class _StepReporter:
+  """Prints, at most every ``every`` seconds, which denoising step the running stage has reached (for chunks that
+  take many seconds: on a CPU). Called from XLA's callback thread, hence only a flushed print."""
+
+  def __init__(self, every: float = 5.0):
+    self.every = every
+    self._last = time.perf_counter()
+
+  def __call__(self, step: int, num_steps: int) -> None:
+    now = time.perf_counter()
+    if now - self._last >= self.every and step + 1 < num_steps:
+      self._last = now
+      print(f"  ... denoising step {step + 1}/{num_steps}", flush=True)
+
+
+def _step_progress_wanted() -> bool:
+  """Per-step progress costs a host callback per step (a program of its own): only where chunks take seconds."""
+  import jax
+  return jax.default_backend() == "cpu"
+
+
 def _make_video(pipe, call: dict, job: Job, plan: ModelPlan, fps: int, on_chunk: ChunkHook | None,
                 compiles: bool = True) -> _VideoStats:
   """Streams one video into ``job.out`` (and its contact sheet), chunk by chunk; returns its statistics. Prints
@@ -747,6 +768,8 @@ def _run(argv: Sequence[str] | None, on_chunk: ChunkHook | None = None) -> int:
       scope.enter_context(on_mesh(pipe, make_mesh(mesh_shape)))
     for i, job in enumerate(jobs):
       call = dict(base, seed=job.seed, **prompt_args(job))
+      if _step_progress_wanted():
+        call["step_progress"] = _StepReporter()
       if job.schedule is not None and args.num_frames is None:
         call["num_frames"] = None  # the schedule's length
       print(_describe(args, plan, job, f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else ""), flush=True)

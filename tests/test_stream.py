@@ -300,3 +300,13 @@ def test_close_wait_ends_the_dispatch_thread(distilled):
   s.close(wait=True, timeout=120)
   assert s.closed and not s._worker.is_alive() and s.join(0) is True
   assert list(s) == []
+
+
+def test_step_progress_hears_every_step_and_changes_nothing(distilled):
+  heard = []
+  want = batch_uint8(distilled, prompt=A, num_frames=66, **dkw())
+  got = distilled(prompt=A, num_frames=66, progress=False, step_progress=lambda k, n: heard.append((k, n)),
+                  **dkw()).frames[0]
+  np.testing.assert_array_equal(to_uint8(got), want)
+  # chunk 0 amplified (3 stages x 4 steps), chunk 1 plain (3 x 2); the callbacks may arrive in any order
+  assert sorted(heard) == sorted([(k, 4) for k in range(4)] * 3 + [(k, 2) for k in range(2)] * 3)

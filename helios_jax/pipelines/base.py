@@ -38,7 +38,7 @@ COMMON_CALL_ARGS = (
     "add_noise_to_image_latents", "image_noise_sigma_min", "image_noise_sigma_max", "video", "video_latents",
     "add_noise_to_video_latents", "video_noise_sigma_min", "video_noise_sigma_max", "history_sizes",
     "num_latent_frames_per_chunk", "keep_first_frame", "is_skip_first_chunk", "seed", "noise_source", "progress",
-    "prompt_schedule", "interpolation_steps")
+    "prompt_schedule", "interpolation_steps", "step_progress")
 
 
 @dataclasses.dataclass
@@ -107,6 +107,7 @@ class _ChunkRun:
   timings: dict
   height: int
   width: int
+  step_progress: Callable[[int, int], None] | None = None
 
 
 class HeliosPipelineBase:
@@ -354,8 +355,8 @@ class HeliosPipelineBase:
                    fake_image_latents, add_noise_to_image_latents, image_noise_sigma_min, image_noise_sigma_max, video,
                    video_latents, add_noise_to_video_latents, video_noise_sigma_min, video_noise_sigma_max,
                    history_sizes, num_latent_frames_per_chunk, keep_first_frame, is_skip_first_chunk, seed,
-                   noise_source, progress, prompt_schedule, interpolation_steps, num_stages, chunk_fn,
-                   steps_per_chunk, streaming: bool) -> "_ChunkRun":
+                   noise_source, progress, prompt_schedule, interpolation_steps, step_progress, num_stages,
+                   chunk_fn, steps_per_chunk, streaming: bool) -> "_ChunkRun":
     """Checks the inputs, encodes prompts / image / video (in the reference's draw order) and fills the history
     buffer: everything before the first chunk."""
     from helios_jax.pipelines.prompts import PromptController, PromptSchedule
@@ -494,11 +495,16 @@ class HeliosPipelineBase:
                      window=window, negative_prompt_embeds=ne, prompts=prompts, guidance_scale=float(guidance_scale),
                      do_cfg=do_cfg, noise_source=noise_source, is_skip_first_chunk=bool(is_skip_first_chunk),
                      output_type=output_type, chunk_fn=chunk_fn, steps_per_chunk=steps_per_chunk, timings=timings,
-                     height=int(height), width=int(width))
+                     height=int(height), width=int(width), step_progress=step_progress)
 
   def _chunk_latents(self, run: "_ChunkRun"):
     """The chunk loop: yields (k, latents (B, C, 9, h, w) float32, prompt info) for k = 0, 1, ... (endless when
-    ``run.num_chunks`` is None), each chunk dispatched (not waited for) and rolled into the history."""
+    ``run.num_chunks`` is None), each chunk dispatched (not waited for) and rolled into the history. While it runs,
+    ``run.step_progress(step, num_steps)`` (if given) hears every denoising step."""
+    from helios_jax.pipelines.denoise import set_step_listener
+    if run.step_progress is not None:
+      # kept after the loop: the last chunk's steps still report while the device finishes them
+      set_step_listener(run.step_progress)
     layout = run.layout
     indices = {k: jnp.asarray(a) for k, a in layout.indices().items()}
     b, c, _, h, w = run.latent_shape

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,23 @@ class StageSpec:
   zero_init: bool  # CFG-Zero* zero-init active in this stage (stage 0 and use_zero_init)
   zero_steps: int
   integer_timesteps: bool  # pyramid pipelines feed int64-truncated timesteps; the plain one floats
+  report_steps: bool = False  # call the step listener after every step (a host callback: a program of its own)
+
+
+_step_listener: Callable[[int, int], None] | None = None
+
+
+def set_step_listener(listener: Callable[[int, int], None] | None) -> None:
+  """``listener(step, num_steps)`` hears every finished denoising step of stages compiled with ``report_steps``
+  (from XLA's callback thread; one listener per process). None removes it."""
+  global _step_listener
+  _step_listener = listener
+
+
+def _step_done(step, num_steps) -> None:
+  listener = _step_listener
+  if listener is not None:
+    listener(int(step), int(num_steps))
 
 
 def _guide(spec: StageSpec, v_c: jax.Array, v_u: jax.Array, guidance: jax.Array, step: jax.Array) -> jax.Array:
@@ -115,6 +133,8 @@ def run_stage(graphdef, params, spec: StageSpec, x: jax.Array, tables: StepTable
       x_next = dmd_step(v, tables.model_timesteps[k], xk, k, noisy_start, tables)
     else:
       x_next, state = helios_step(state, v, xk, tables, k)
+    if spec.report_steps:
+      jax.debug.callback(_step_done, k, tables.num_steps, ordered=False)
     return x_next.astype(xk.dtype), state
 
   state = init_solver_state(x, model_dtype=tdt)

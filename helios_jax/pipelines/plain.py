@@ -37,7 +37,7 @@ class HeliosPipeline(HeliosPipelineBase):
                keep_first_frame: bool = True, is_skip_first_chunk: bool = False, use_zero_init: bool = True,
                zero_steps: int = 1, seed: int = 0, noise_source: NoiseSource | None = None, progress: bool = True,
                prompt_schedule: PromptSchedule | None = None, interpolation_steps: int = OFFICIAL_INTERPOLATION_STEPS,
-               return_dict: bool = True, _stream: dict | None = None):
+               step_progress=None, return_dict: bool = True, _stream: dict | None = None):
     """Generates ``num_frames`` frames; arguments as :class:`HeliosPyramidPipeline` minus the pyramid ones."""
     common = {k: v for k, v in locals().items() if k in COMMON_CALL_ARGS}
     if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
@@ -57,7 +57,8 @@ class HeliosPipeline(HeliosPipelineBase):
       tables = self.scheduler.set_timesteps(num_inference_steps, sigmas=grid, mu=mu)
       spec = StageSpec(scheduler_kind=tables.kind, upsample=False, do_cfg=do_cfg,
                        cfg_zero_star=self.is_cfg_zero_star and do_cfg, zero_init=bool(use_zero_init),
-                       zero_steps=int(zero_steps), integer_timesteps=False)
+                       zero_steps=int(zero_steps), integer_timesteps=False,
+                       report_steps=step_progress is not None)
       return run_stage(graphdef, params, spec, x, tables.to_jax(), history, indices, prompt_embeds,
                        negative_prompt_embeds, jnp.float32(guidance_scale))
 

@@ -40,12 +40,15 @@ class HeliosPyramidPipeline(HeliosPipelineBase):
                use_zero_init: bool = True, zero_steps: int = 1, is_amplify_first_chunk: bool = False,
                seed: int = 0, noise_source: NoiseSource | None = None, progress: bool = True,
                prompt_schedule: PromptSchedule | None = None, interpolation_steps: int = OFFICIAL_INTERPOLATION_STEPS,
-               return_dict: bool = True, _stream: dict | None = None):
+               step_progress=None, return_dict: bool = True, _stream: dict | None = None):
     """Generates ``num_frames`` frames (rounded up to whole 33-frame chunks, then trimmed to 4k+1).
 
     Mode follows the inputs: T2V (no image/video), I2V (``image`` or ``image_latents`` + ``fake_image_latents``),
     V2V (``video`` or ``image_latents`` + ``video_latents``). ``noise_source(kind, shape)`` receives every random
-    draw (default: ``jax.random`` from ``seed``). Returns :class:`HeliosPipelineOutput` (``.frames``).
+    draw (default: ``jax.random`` from ``seed``). ``prompt_schedule``: prompts that change from chunk to chunk
+    (:class:`~helios_jax.pipelines.prompts.PromptSchedule`, instead of ``prompt``). ``step_progress(step,
+    num_steps)``: called after every denoising step of every stage (a host callback compiled into the stage: use it
+    where a chunk takes seconds, e.g. on a CPU). Returns :class:`HeliosPipelineOutput` (``.frames``).
     """
     common = {k: v for k, v in locals().items() if k in COMMON_CALL_ARGS}
     steps = [int(s) for s in pyramid_num_inference_steps_list]
@@ -80,7 +83,7 @@ class HeliosPyramidPipeline(HeliosPipelineBase):
         spec = StageSpec(scheduler_kind=tables.kind, upsample=i > 0, do_cfg=do_cfg,
                          cfg_zero_star=self.is_cfg_zero_star and do_cfg,
                          zero_init=bool(use_zero_init and i == 0), zero_steps=int(zero_steps),
-                         integer_timesteps=True)
+                         integer_timesteps=True, report_steps=step_progress is not None)
         x = run_stage(graphdef, params, spec, x, tables.to_jax(), history, indices, prompt_embeds,
                       negative_prompt_embeds, jnp.float32(guidance_scale), block_noise, renoise)
       return x
