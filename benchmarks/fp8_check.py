@@ -54,6 +54,9 @@ def main():
   p.add_argument("--no-tensor", action="store_true",
                  help="skip the per-tensor variant (on random bf16 weights its scales equal the per-channel ones: "
                       "each column's largest |w| is the same bf16 number below the init's truncation bound)")
+  p.add_argument("--variants", nargs="+", metavar="SCALING:GEMM_OUTPUT",
+                 help="instead of steps 1-3: for each variant (e.g. channel:compute tensor:compute) a fresh copy of "
+                      "the weights quantised so, its forward error against bf16, forward time and FPS")
   p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
   a = p.parse_args()
   os.makedirs(a.out, exist_ok=True)
@@ -108,6 +111,26 @@ def main():
 
   rec = {"impl": "helios_jax", "device": dev.device_kind, "layers": a.layers, "height": a.height, "width": a.width,
          "jax": jax.__version__, "date": datetime.date.today().isoformat()}
+  if a.variants:
+    pipe = make_pipe()
+    ref_fwd, _, rec["forward_bf16_s"] = forward(pipe)
+    for variant in a.variants:
+      scaling, _, gemm_output = variant.partition(":")
+      if variant != a.variants[0]:
+        del pipe
+        pipe = make_pipe()
+      pipe.quantize_transformer(scaling, gemm_output or "float32")
+      out, hlo, fwd_s = forward(pipe)
+      rec[variant] = dict(forward_s=fwd_s, forward_rel_err=rel_err(out, ref_fwd),
+                          cublaslt_fp8_gemms=len(re.findall(r'custom_call_target="__cublas\$lt\$matmul\$f8', hlo)))
+      if not a.no_fps:
+        rec[variant]["fps"] = fps(pipe)
+      print(variant, rec[variant], flush=True)
+    rec["peak_gib"] = round(peak_gib(), 1)
+    print(json.dumps(rec), flush=True)
+    with open(os.path.join(a.out, f"fp8_variants_{a.layers}l.json"), "w") as f:
+      json.dump(rec, f, indent=1)
+    return
   pipe = make_pipe()
   ref_fwd, hlo_bf16, rec["forward_bf16_s"] = forward(pipe)
   ref_lat = latents(pipe)

@@ -51,16 +51,23 @@ def dequantize_kernel(q: jax.Array, scale: jax.Array) -> jax.Array:
   return q.astype(jnp.float32) * s
 
 
-def fp8_linear(x: jax.Array, q: jax.Array, scale: jax.Array, bias: jax.Array | None) -> jax.Array:
+GEMM_OUTPUTS = ("float32", "compute")  # what the fp8 product returns before the weight scale: f32, or x's dtype
+
+
+def fp8_linear(x: jax.Array, q: jax.Array, scale: jax.Array, bias: jax.Array | None,
+               gemm_output: str = "float32") -> jax.Array:
   """(..., in) activations times a quantised (in, out) kernel (+ bias) -> (..., out) in ``x.dtype``.
 
-  ``scale`` is (out,) (per channel) or () (per tensor); the activation scale is their absolute maximum / 448."""
+  ``scale`` is (out,) (per channel) or () (per tensor); the activation scale is their absolute maximum / 448.
+  ``gemm_output="compute"`` has the GEMM write ``x.dtype`` (half the bytes of float32; the weight scale and bias are
+  then applied to the rounded product)."""
   dtype = x.dtype
   amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
   sx = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
   x8 = jnp.clip(x.astype(jnp.float32) / sx, -E4M3_MAX, E4M3_MAX).astype(E4M3)
   wide = jnp.bfloat16 if dtype == jnp.bfloat16 else jnp.float32
-  y = jnp.dot(x8.astype(wide) * sx.astype(wide), q.astype(wide), preferred_element_type=jnp.float32)
+  out = jnp.float32 if gemm_output == "float32" else dtype
+  y = jnp.dot(x8.astype(wide) * sx.astype(wide), q.astype(wide), preferred_element_type=out)
   y = y * scale.astype(jnp.float32)
   if bias is not None:
     y = y + bias.astype(jnp.float32)
@@ -71,14 +78,16 @@ class Fp8Linear(nnx.Module):
   """A linear layer with a float8_e4m3fn kernel (``kernel``, (in, out)), float32 ``kernel_scale`` ((out,) or ()) and
   the original ``bias``; built from an ``nnx.Linear`` by :func:`quantize_blocks` (stacked: a leading layer axis)."""
 
-  def __init__(self, kernel: jax.Array, kernel_scale: jax.Array, bias: jax.Array | None):
+  def __init__(self, kernel: jax.Array, kernel_scale: jax.Array, bias: jax.Array | None,
+               gemm_output: str = "float32"):
     self.kernel = nnx.Param(kernel)
     self.kernel_scale = nnx.Param(kernel_scale)
     self.bias = nnx.Param(bias) if bias is not None else None
+    self.gemm_output = gemm_output
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return fp8_linear(x, self.kernel[...], self.kernel_scale[...],
-                      None if self.bias is None else self.bias[...])
+                      None if self.bias is None else self.bias[...], self.gemm_output)
 
 
 def _resolve(module, path: str):
@@ -89,7 +98,7 @@ def _resolve(module, path: str):
   return parent, leaf
 
 
-def quantize_blocks(model: Any, scaling: str = "channel") -> int:
+def quantize_blocks(model: Any, scaling: str = "channel", gemm_output: str = "float32") -> int:
   """Replaces the blocks' linear layers of a ``HeliosTransformer3DModel`` with :class:`Fp8Linear` in place, one
   stacked kernel at a time (each bf16 kernel is deleted once quantised, so device memory only shrinks). Returns
   the number of parameters now stored in fp8. Call before the model is handed to a pipeline."""
@@ -97,6 +106,8 @@ def quantize_blocks(model: Any, scaling: str = "channel") -> int:
     raise InputError("fp8 quantisation and fuse_qkv do not go together (the fused path concatenates bf16 kernels)")
   if scaling not in SCALINGS:
     raise InputError(f"fp8 scaling must be one of {SCALINGS}, got {scaling!r}")
+  if gemm_output not in GEMM_OUTPUTS:
+    raise InputError(f"fp8 gemm_output must be one of {GEMM_OUTPUTS}, got {gemm_output!r}")
   quantize = jax.jit(lambda w: quantize_kernel(w, scaling))
   count = 0
   for path in BLOCK_LINEARS:
@@ -107,7 +118,7 @@ def quantize_blocks(model: Any, scaling: str = "channel") -> int:
     kernel = layer.kernel[...]
     q, scale = quantize(kernel)
     bias = None if layer.bias is None else layer.bias[...]
-    setattr(parent, name, Fp8Linear(q, scale, bias))
+    setattr(parent, name, Fp8Linear(q, scale, bias, gemm_output))
     count += int(np.prod(q.shape))
     if isinstance(kernel, jax.Array):
       kernel.delete()

@@ -213,7 +213,7 @@ class HeliosPipelineBase:
     nnx.update(self.transformer.blocks, placeholders)
     self._split = (graphdef, (nnx.split(self.transformer)[1], layers))
 
-  def quantize_transformer(self, scaling: str = "channel") -> int:
+  def quantize_transformer(self, scaling: str = "channel", gemm_output: str = "float32") -> int:
     """Stores the transformer blocks' linear kernels in float8_e4m3fn with per-channel (or per-tensor) scales;
     activations are scaled per tensor at run time (:mod:`helios_jax.models.fp8`). Returns the number of fp8
     parameters. Before :meth:`unstack_transformer_layers`, not after."""
@@ -221,7 +221,7 @@ class HeliosPipelineBase:
     if self._split is not None and isinstance(self._split[1], tuple):
       raise InputError("quantize the transformer before unstack_transformer_layers(), not after")
     self._split = None
-    return quantize_blocks(self.transformer, scaling)
+    return quantize_blocks(self.transformer, scaling, gemm_output)
 
   def free_text_encoder(self):
     """Drops the text encoder (11 GB for UMT5-XXL) once prompts are encoded; pass embeddings afterwards."""
