@@ -86,3 +86,16 @@ def test_bad_options():
     HeliosTransformer3DModel.from_pretrained(os.path.join(FIX, "models", "base"), quantization="int4")
   with pytest.raises(InputError, match="fp8 scaling must be"):
     fp8.quantize_kernel(jnp.ones((4, 4)), "row")
+
+
+def test_gemm_output_in_the_compute_dtype():
+  """gemm_output="compute": the product is rounded to bf16 before the weight scale; within bf16's rounding of the
+  float32-output result (relative 2^-8 per value), not the same bits."""
+  x = jax.random.normal(jax.random.key(3), (8, 64)).astype(jnp.bfloat16)
+  q, s = fp8.quantize_kernel(jax.random.normal(jax.random.key(4), (64, 32)), "tensor")
+  a = np.asarray(fp8.fp8_linear(x, q, s, None), np.float32)
+  b = np.asarray(fp8.fp8_linear(x, q, s, None, "compute"), np.float32)
+  assert rel_err(b, a) < 2 ** -7
+  with pytest.raises(InputError, match="gemm_output must be"):
+    fp8.quantize_blocks(HeliosTransformer3DModel.from_pretrained(os.path.join(FIX, "models", "base")),
+                        gemm_output="f16")
