@@ -30,13 +30,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.fps import SETTINGS, build_on_device, peak_gib  # noqa: E402
+from benchmarks.fps import SETTINGS, build_on_device, distilled_scheduler, peak_gib, prompt_embeddings  # noqa: E402
 from benchmarks.stream_fps import batch_run  # noqa: E402
 from helios_jax.models.transformer import HeliosTransformer3DModel, HeliosTransformerConfig  # noqa: E402
 from helios_jax.models.vae import AutoencoderKLWan  # noqa: E402
 from helios_jax.pipelines import HeliosPyramidPipeline  # noqa: E402
 from helios_jax.pipelines.history import HistoryLayout  # noqa: E402
-from helios_jax.schedulers import HeliosDMDScheduler  # noqa: E402
 
 
 def rel_err(a, b) -> float:
@@ -64,8 +63,8 @@ def main():
   print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
   cfg = HeliosTransformerConfig(num_layers=a.layers, dtype="bfloat16")
   vae = build_on_device(AutoencoderKLWan, None, dtype=jnp.bfloat16)
-  scheduler = HeliosDMDScheduler.from_config(dict(stages=3, use_dynamic_shifting=True, time_shift_type="linear"))
-  emb = (0.1 * jax.random.normal(jax.random.key(1), (1, 512, cfg.text_dim))).astype(jnp.bfloat16)
+  scheduler = distilled_scheduler()
+  emb = prompt_embeddings(cfg.text_dim)
   h, w = a.height // 8, a.width // 8
   layout = HistoryLayout.make((16, 2, 1), 9, True)
   idx = {k: jnp.asarray(v) for k, v in layout.indices().items()}

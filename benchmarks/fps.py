@@ -48,6 +48,16 @@ def build_on_device(cls, *args, seed=0, **kwargs):
   return nnx.merge(graphdef, state)
 
 
+def distilled_scheduler() -> HeliosDMDScheduler:
+  """Helios-Distilled's scheduler: 3 pyramid stages, DMD, linear dynamic shift."""
+  return HeliosDMDScheduler.from_config(dict(stages=3, use_dynamic_shifting=True, time_shift_type="linear"))
+
+
+def prompt_embeddings(text_dim: int) -> jax.Array:
+  """Fixed random (1, 512, text_dim) bf16 prompt embeddings (the text encoder is not part of these benchmarks)."""
+  return (0.1 * jax.random.normal(jax.random.key(1), (1, 512, text_dim))).astype(jnp.bfloat16)
+
+
 def peak_gib() -> float:
   stats = jax.local_devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use", 0) / 2**30
@@ -95,11 +105,10 @@ def main():
   print(f"built {nparams / 1e9:.3f}B transformer + VAE ({a.vae_dtype}) in {build_s:.1f}s, "
         f"peak {peak_gib():.1f} GiB", flush=True)
 
-  scheduler = HeliosDMDScheduler.from_config(dict(stages=3, use_dynamic_shifting=True, time_shift_type="linear"))
-  pipe = HeliosPyramidPipeline(transformer, scheduler, vae, is_distilled=True)
+  pipe = HeliosPyramidPipeline(transformer, distilled_scheduler(), vae, is_distilled=True)
   if a.layer_loop == "split":
     pipe.unstack_transformer_layers()
-  emb = (0.1 * jax.random.normal(jax.random.key(1), (1, 512, cfg.text_dim))).astype(jnp.bfloat16)
+  emb = prompt_embeddings(cfg.text_dim)
 
   # Component timings: one transformer forward per pyramid resolution, one chunk decode.
   h, w = a.height // 8, a.width // 8

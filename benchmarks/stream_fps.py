@@ -31,11 +31,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.fps import SETTINGS, build_on_device, peak_gib  # noqa: E402
+from benchmarks.fps import SETTINGS, build_on_device, distilled_scheduler, peak_gib, prompt_embeddings  # noqa: E402
 from helios_jax.models.transformer import HeliosTransformer3DModel, HeliosTransformerConfig  # noqa: E402
 from helios_jax.models.vae import AutoencoderKLWan  # noqa: E402
 from helios_jax.pipelines import HeliosPyramidPipeline  # noqa: E402
-from helios_jax.schedulers import HeliosDMDScheduler  # noqa: E402
 
 
 def summarise(ready: list[float], counts: list[int]) -> dict:
@@ -116,9 +115,9 @@ def main():
   transformer = build_on_device(HeliosTransformer3DModel, cfg)
   vae = build_on_device(AutoencoderKLWan, None, dtype=jnp.bfloat16)
   jax.block_until_ready(nnx.state(transformer))
-  scheduler = HeliosDMDScheduler.from_config(dict(stages=3, use_dynamic_shifting=True, time_shift_type="linear"))
+  scheduler = distilled_scheduler()
   pipe = HeliosPyramidPipeline(transformer, scheduler, vae, is_distilled=True)
-  emb = (0.1 * jax.random.normal(jax.random.key(1), (1, 512, cfg.text_dim))).astype(jnp.bfloat16)
+  emb = prompt_embeddings(cfg.text_dim)
   frames = a.chunks * 33
   server = None if a.no_server else ServerHarness(pipe, emb, a)
 
