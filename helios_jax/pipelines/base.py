@@ -405,12 +405,13 @@ class HeliosPipelineBase:
     batch = pe.shape[0]
     if streaming and batch != 1:
       raise InputError(f"a stream makes one video: pass one prompt (got a batch of {batch})")
+
     def encode(text: str) -> jax.Array:  # a live prompt change: (1, L, D) in the transformer's dtype
       return self._prepare_embeds(text, None, None, None, False, max_sequence_length)[0]
 
     can_encode = self.text_encoder is not None and self.tokenizer is not None
-    prompts = PromptController(pe, encode if can_encode else None, schedule_embeds=schedule_embeds, schedule=prompt_schedule,
-                               interpolation_steps=interpolation_steps,
+    prompts = PromptController(pe, encode if can_encode else None, schedule_embeds=schedule_embeds,
+                               schedule=prompt_schedule, interpolation_steps=interpolation_steps,
                                text=prompt if isinstance(prompt, str) else None)
     cfg = self.transformer.config
     channels = cfg.in_channels

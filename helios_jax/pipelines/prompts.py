@@ -161,7 +161,6 @@ class _Blend:
   target: jax.Array
   start: int
   steps: int
-  text: str | None
 
 
 class PromptController:
@@ -222,8 +221,7 @@ class PromptController:
     for rid, embeds, text, steps in pending:
       target = self._encode(text) if text is not None else jnp.asarray(
           np.asarray(embeds).reshape(self._fixed.shape), self._fixed.dtype)
-      self._blend = _Blend(source=self._current, target=target.astype(self._fixed.dtype), start=k, steps=steps,
-                           text=text)
+      self._blend = _Blend(source=self._current, target=target.astype(self._fixed.dtype), start=k, steps=steps)
       self._schedule = None
       self._text = text
       ids.append(rid)

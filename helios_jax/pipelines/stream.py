@@ -155,10 +155,7 @@ class HeliosStream:
         if run.total_frames is not None and first + run.window > run.total_frames:
           frames = frames[:run.total_frames - first]
         self._last_dispatched = frames
-        try:
-          frames.copy_to_host_async()
-        except AttributeError:  # not a jax.Array (never on JAX >= 0.4.1); np.asarray below copies then
-          pass
+        frames.copy_to_host_async()  # the transfer starts as soon as the frames exist
         self._queue.put((k, frames, first, info))
     except BaseException as e:  # noqa: BLE001  (handed to the caller's thread, raised there)
       self._queue.put(e)
@@ -202,11 +199,6 @@ class HeliosStream:
     self._last_ready = ready
     self._run.timings["chunks"].append(timings["interval_s"])
     return StreamChunk(index=k, frames=host, first_frame=first, timings=timings, prompt=info)
-
-  def frames(self):
-    """Yields the video's frames one by one (uint8 (H, W, 3)), e.g. for ``helios_jax.io.media.write_video``."""
-    for chunk in self:
-      yield from chunk.frames
 
   def __repr__(self) -> str:
     n = "endless" if self.num_chunks is None else f"{self.num_chunks} chunks"
