@@ -18,3 +18,7 @@ class CheckpointError(HeliosError):
 
 class InputError(HeliosError, ValueError):
   """An argument passed to a model, scheduler or pipeline has the wrong shape, type or value."""
+
+
+class DiskFullError(HeliosError, OSError):
+  """A write failed because the disk (or quota) is full; the message names the path and the free space."""
