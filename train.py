@@ -28,7 +28,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from helios_jax.errors import HeliosError
   from helios_jax.parallel.distributed import initialize_from_env
-  from helios_jax.training.trainer import train
+  from helios_jax.training.dispatch import train
   try:
     initialize_from_env()  # multi-host runs only (docs/scaling.md); before JAX touches a device
     out = train(flags.FLAGS.config, flags.FLAGS.workdir, progress=flags.FLAGS.progress)

@@ -17,15 +17,11 @@ Deliberate differences from the released trainer (see docs/architecture.md, "Sta
 
 from __future__ import annotations
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import base  # noqa: E402
+from configs import base
 
-from helios_jax.training.lora import ALL_LINEAR  # noqa: E402
+from helios_jax.training.lora import ALL_LINEAR
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

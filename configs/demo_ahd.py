@@ -6,14 +6,10 @@ student (``--config.model.pretrained=<ode run>/merged``) against the demo Mid as
 
 from __future__ import annotations
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ahd  # noqa: E402
-import demo_ode  # noqa: E402
+from configs import ahd
+from configs import demo_ode
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

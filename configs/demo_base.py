@@ -3,22 +3,24 @@
 Same architecture as the 14B model (memory patches, zero-history timestep, guidance cross-attention, 3D RoPE),
 6 blocks of width 192 (6 heads of 32) instead of 40 of 5120, text width 64 (the demo UMT5 encoder), 16 latent
 channels (the demo VAE). Full training (``train.mode = "full"``: there is no pretrained base to adapt), Easy
-Anti-Drifting on as in the paper. Data: ``data.source = "demo"``, a folder written by
-``helios_jax.training.demo.encode_dataset`` (``benchmarks/train_demo.py`` builds it).
+Anti-Drifting on as in the paper. Data: ``data.source = "demo"`` (registered below, the recipe's
+:func:`recipes.demo.demo.source`), a folder written by
+``recipes.demo.demo.encode_dataset`` (``recipes/demo/train_demo.py`` builds it).
 
 Variants: ``:nocorrupt`` turns the history corruption off (the anti-drifting ablation of
-``benchmarks/demo_quality.py``); ``:tiny`` is a 2-block model for CPU dry runs and tests.
+``recipes/demo/demo_quality.py``); ``:tiny`` is a 2-block model for CPU dry runs and tests.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import base  # noqa: E402
+from configs import base
+
+from helios_jax.training.sources import register_source
+
+# data.source = "demo": the recipe's encoded scenes, imported only when a run builds its source
+register_source("demo", "recipes.demo.demo:source")
 
 # The demo DiT (HeliosTransformerConfig fields over the "tiny" arch).
 DEMO_ARCH = dict(num_attention_heads=6, attention_head_dim=32, rope_dim=(8, 12, 12), ffn_dim=768, num_layers=6,
@@ -51,7 +53,7 @@ def demo_model_and_data(c: ml_collections.ConfigDict, arg: str) -> None:
   c.model.dtype = "float32"
   c.model.remat_policy = "none"
   c.data.source = "demo"
-  c.data.data_dir = ""  # the encoded scene folder (set on the command line or by benchmarks/train_demo.py)
+  c.data.data_dir = ""  # the encoded scene folder (set on the command line or by recipes/demo/train_demo.py)
   c.data.num_chunks = 4
   c.data.height = 16  # latent size of 128x128 frames
   c.data.width = 16

@@ -5,14 +5,10 @@ objective (uniform timesteps, stage ratios 1:2:1). ``:tiny`` matches ``configs/d
 
 from __future__ import annotations
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import demo_base  # noqa: E402
-import mid  # noqa: E402
+from configs import demo_base
+from configs import mid
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -7,14 +7,10 @@ The teacher samples as the bundled Mid does (guidance 1.0, 10 steps per pyramid 
 
 from __future__ import annotations
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import demo_base  # noqa: E402
-import ode  # noqa: E402
+from configs import demo_base
+from configs import ode
 
 DEMO_LORA_RANK = 64  # the demo DiT is 192 wide; the 14B recipe's 256 would exceed it
 
@@ -39,7 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.pretrained = ""  # the demo Mid's merged transformer folder
   c.optim.learning_rate = 1e-4 if arg != "tiny" else 1e-3
   o = c.ode
-  o.data_dir = ""  # set by benchmarks/train_demo.py
+  o.data_dir = ""  # set by recipes/demo/train_demo.py
   o.teacher_guidance = 1.0  # as the bundled Mid samples
   if arg == "tiny":
     c.total_steps = 3

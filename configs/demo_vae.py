@@ -3,9 +3,9 @@
 Same architecture as the Wan2.1 VAE Helios uses (8x spatial / 4x temporal compression, 16 latent channels), with
 base width 16 instead of 96 and one residual block per level instead of two (2.6M parameters, 10 MB in float32;
 decoding a 33-frame 128x128 chunk costs about 2x less CPU time than base width 32 with multipliers (1, 2, 2, 2)).
-``:tiny`` trains in seconds on a CPU (tests and ``benchmarks/train_demo.py --quick``). ``:decoder`` is the
+``:tiny`` trains in seconds on a CPU (tests and ``recipes/demo/train_demo.py --quick``). ``:decoder`` is the
 decoder-only fine-tune of a trained VAE on posterior means of 33-frame clips (``vae_train.finetune_decoder``,
-``benchmarks/finetune_demo_vae.py``): it keeps the encoder, so encoded data and the DiTs trained on them stay valid.
+``recipes/demo/finetune_demo_vae.py``): it keeps the encoder, so encoded data and the DiTs trained on them stay valid.
 
 Training (``vae_train.train_vae``): an image phase (``image_steps`` single frames, batch ``image_batch_size``,
 budget ``image_max_seconds``) then the video phase (``total_steps`` 33-frame clips, batch ``batch_size``, budget
@@ -31,7 +31,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # worst; the GPU budget allows only a few thousand video steps.
   c.image_steps = 6000  # the image phase's wall-clock budget may stop it earlier
   c.image_batch_size = 32
-  c.image_max_seconds = 90.0  # wall-clock budget (0 = none); benchmarks/train_demo.py sets it (budget vae_images)
+  c.image_max_seconds = 90.0  # wall-clock budget (0 = none); recipes/demo/train_demo.py sets it (budget vae_images)
 
   c.model = ml_collections.ConfigDict()
   c.model.base_dim = 16  # Wan2.1: 96; the full-resolution convolutions dominate CPU decoding time
@@ -69,7 +69,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.frames = 33
   c.data.max_start = 200  # clips start at a random frame in [0, max_start]
 
-  if arg == "decoder":  # helios_jax.training.vae_train.finetune_decoder (benchmarks/finetune_demo_vae.py)
+  if arg == "decoder":  # recipes.demo.vae_train.finetune_decoder (recipes/demo/finetune_demo_vae.py)
     c.total_steps = 400
     c.batch_size = 2
     c.log_every = 10

@@ -5,13 +5,9 @@ Defaults are ``stage_2_init``; ``:post`` is ``stage_2_post``; ``:tiny`` runs on 
 
 from __future__ import annotations
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import base  # noqa: E402
+from configs import base
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

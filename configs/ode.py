@@ -14,13 +14,9 @@ latents.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ahd  # noqa: E402
+from configs import ahd
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -10,6 +10,12 @@ A component folder looks like one of::
 :class:`SafetensorsFolder` opens such a folder lazily: tensors are read one at a time from memory-mapped files
 (``safetensors.safe_open(..., framework="np")``), so converting a 14B checkpoint never holds two copies of it in
 host memory. bf16 tensors come back as ``ml_dtypes.bfloat16`` numpy arrays.
+
+Folders are untrusted input (docs/reliability.md): pickle weights (``*.bin``, ``*.pt``, ...) are refused unread,
+never unpickled; an index whose ``weight_map`` names a file outside the folder (``../``, an absolute path, a symlink
+leading out) is refused (symlinks into a Hugging Face cache's ``blobs/`` are its normal layout and allowed); a
+safetensors file shorter than its header says is reported as truncated; configs must be JSON objects whose sizes
+pass :func:`helios_jax.io.config_checks.check_sizes`.
 """
 
 from __future__ import annotations
@@ -23,9 +29,13 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from helios_jax.errors import CheckpointError
+from helios_jax.io.config_checks import check_sizes
 
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model"
 TRANSFORMERS_WEIGHTS_NAME = "model"
+# PyTorch pickle formats: loading one runs arbitrary code, so they are refused, never opened.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SAFETENSORS_HEADER_BYTES = 8  # a safetensors file starts with its JSON header's length, little-endian uint64
 
 
 def load_json(path: str, what: str = "file") -> dict:
@@ -34,16 +44,25 @@ def load_json(path: str, what: str = "file") -> dict:
     raise CheckpointError(f"missing {what}: {path} does not exist")
   try:
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
+      out = json.load(f)
+  except ValueError as e:  # also UnicodeDecodeError: a binary file
+    raise CheckpointError(f"{what} {path} is not valid JSON ({e})") from None
+  except OSError as e:
     raise CheckpointError(f"cannot read {what} {path}: {e}") from None
+  if not isinstance(out, dict):
+    raise CheckpointError(f"{what} {path} is not a JSON object (found a {type(out).__name__})")
+  return out
 
 
 def load_config(folder: str) -> dict:
-  """Returns the ``config.json`` of a component folder as a dict (keys starting with ``_`` kept)."""
+  """Returns the ``config.json`` of a component folder as a dict (keys starting with ``_`` kept), its sizes
+  checked (:func:`~helios_jax.io.config_checks.check_sizes`) before any model is built from it."""
   if not os.path.isdir(folder):
     raise CheckpointError(f"model folder not found: {folder}")
-  return load_json(os.path.join(folder, "config.json"), "config.json")
+  path = os.path.join(folder, "config.json")
+  config = load_json(path, "config.json")
+  check_sizes(config, path)
+  return config
 
 
 class SafetensorsFolder:
@@ -68,6 +87,8 @@ class SafetensorsFolder:
         weight_map = load_json(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
           raise CheckpointError(f"safetensors index {index} has no 'weight_map'")
+        for f in sorted(set(weight_map.values())):
+          _check_inside(folder, f, index)
         missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(folder, f))})
         if missing:
           raise CheckpointError(
@@ -75,10 +96,17 @@ class SafetensorsFolder:
         self._key_to_file = {k: os.path.join(folder, f) for k, f in weight_map.items()}
         break
       if os.path.isfile(single):
+        _check_inside(folder, os.path.basename(single), single)
         with _open(single) as f:
           self._key_to_file = {k: single for k in f.keys()}
         break
     else:
+      pickles = sorted(n for n in os.listdir(folder) if n.lower().endswith(PICKLE_SUFFIXES))
+      if pickles:
+        raise CheckpointError(
+            f"{folder} has only PyTorch pickle weights ({', '.join(pickles)}), which are not loaded because "
+            f"unpickling can run arbitrary code: convert them to {names[0]}.safetensors (e.g. with safetensors' "
+            "convert script or torch.load + safetensors.torch.save_file in a trusted environment)")
       raise CheckpointError(
           f"no weights in {folder}: expected {names[0]}.safetensors or {names[0]}.safetensors.index.json")
     self._handles: dict[str, object] = {}
@@ -128,7 +156,56 @@ class SafetensorsFolder:
     self.close()
 
 
+def _hub_blobs(folder: str) -> str | None:
+  """The ``blobs/`` folder of the Hugging Face cache repo holding ``folder`` (``.../snapshots/<rev>/...``), if any."""
+  parts = os.path.realpath(folder).split(os.sep)
+  if "snapshots" not in parts:
+    return None
+  i = len(parts) - 1 - parts[::-1].index("snapshots")
+  if i + 1 >= len(parts):
+    return None
+  return os.sep.join(parts[:i] + ["blobs"])
+
+
+def _within(path: str, root: str) -> bool:
+  return os.path.commonpath([path, root]) == root
+
+
+def _check_inside(folder: str, name: str, source: str) -> None:
+  """Refuses a weight file ``name`` (as listed by ``source``) that leads outside ``folder``."""
+  if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+    raise CheckpointError(f"{source} lists weight file {name!r} outside the folder {folder}; refusing to read it")
+  root = os.path.realpath(folder)
+  target = os.path.realpath(os.path.join(folder, name))
+  blobs = _hub_blobs(folder)
+  if not (_within(target, root) or (blobs is not None and _within(target, blobs))):
+    raise CheckpointError(f"{os.path.join(folder, name)} is a link to {target}, outside the folder {folder}; "
+                          "refusing to read it")
+
+
+def _check_complete(path: str) -> None:
+  """Raises a clear :class:`CheckpointError` when ``path`` is shorter than its safetensors header says."""
+  size = os.path.getsize(path)
+  try:
+    with open(path, "rb") as f:
+      head = f.read(SAFETENSORS_HEADER_BYTES)
+      n = int.from_bytes(head, "little") if len(head) == SAFETENSORS_HEADER_BYTES else -1
+      if n < 0 or SAFETENSORS_HEADER_BYTES + n > size:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes, too short for its "
+                              "header)")
+      header = json.loads(f.read(n))
+  except (ValueError, UnicodeDecodeError):
+    raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from None
+  ends = [int(v["data_offsets"][1]) for k, v in header.items()
+          if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets", ())) == 2]
+  need = SAFETENSORS_HEADER_BYTES + n + max(ends, default=0)
+  if size < need:
+    raise CheckpointError(f"{path} is truncated: {size} bytes, its header describes {need} (re-download or "
+                          "re-convert it)")
+
+
 def _open(path: str):
+  _check_complete(path)
   try:
     return safe_open(path, framework="np")
   except Exception as e:

@@ -27,6 +27,7 @@ from typing import Any
 
 from helios_jax.errors import CheckpointError, InputError
 from helios_jax.io.checkpoint import load_json
+from helios_jax.io.config_checks import check_sizes
 
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 384, 640
 DTYPES = ("bf16", "fp32")
@@ -143,6 +144,8 @@ def inspect_model_folder(model: str, *, height: int | None = None, width: int | 
   tcfg = load_json(os.path.join(_component(model, "transformer", "config.json"), "config.json"),
                    "transformer config")
   vcfg = load_json(os.path.join(_component(model, "vae", "config.json"), "config.json"), "VAE config")
+  check_sizes(tcfg, os.path.join(model, "transformer", "config.json"))  # untrusted: sane sizes before any use
+  check_sizes(vcfg, os.path.join(model, "vae", "config.json"))
   has_text = all(os.path.isdir(os.path.join(model, name)) for name in ("text_encoder", "tokenizer"))
   if needs_text_encoder:
     for name in ("text_encoder", "tokenizer"):

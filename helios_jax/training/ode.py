@@ -23,7 +23,7 @@ prompt, a FeaturesDict of fixed-shape ``Tensor`` features with those keys, array
     :func:`convert_pairs` (``python -m helios_jax.training.ode --convert <npz folder>``).
 Both read the same float32 arrays in the same order (sorted file names), so the batches and the loss are identical.
 
-Training (spec 7.4): per step pick ``sections_per_step`` sorted sections; for each and each stage a random
+Training (spec 7.4, the trainer is :mod:`helios_jax.training.trainers.ode`): per step pick ``sections_per_step`` sorted sections; for each and each stage a random
 recorded latent z_j at t_j; loss ``weight * mean_terms 0.5 mean((z_j - s_j G(z_j, t_j) - end)^2)`` with the history
 built from the teacher's final chunks (anchor = first latent of chunk 0). No corruption, no drops.
 
@@ -36,23 +36,19 @@ is one prompt (``batch_size`` is not used), so it is replicated: ``fsdp`` saves 
 from __future__ import annotations
 
 import glob
-import itertools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from helios_jax.errors import InputError
-from helios_jax.parallel import mesh as mesh_lib
-from helios_jax.parallel.layout import TrainLayout
 from helios_jax.pipelines.history import downsample_2x, upsample_nearest_2x
 from helios_jax.schedulers.dmd import HeliosDMDScheduler
 from helios_jax.schedulers.helios import calculate_shift
-from helios_jax.training import ahd, data, ema as ema_lib, loop, lora, losses, stages
-from helios_jax.training import state as state_lib
+from helios_jax.training import ahd, data, losses
+from helios_jax.training.sources import make_source
 
 HISTORY = data.HISTORY_FRAMES
 
@@ -230,7 +226,7 @@ def convert_pairs(folder: str, tfds_dir: str = "") -> str:
 def open_pairs(tfds_dir: str):
   """Random-access sequence of pair records (dicts of float32 arrays, same order as the npz files) from the
   ``helios_ode_pairs`` dataset under ``tfds_dir``."""
-  from helios_jax.training.prepare_data import _latest_version_dir
+  from helios_jax.training.prepare_data import _latest_version_dir  # lazily, as the stage-1/2 tfds reader
   tfds = _tfds()
   if not tfds_dir or not os.path.isdir(tfds_dir):
     raise InputError(f"ode.tfds_dir {tfds_dir!r} is not a folder with a {DATASET_NAME} dataset")
@@ -256,7 +252,6 @@ def ensure_pairs(config, graphdef, frozen, negative: np.ndarray):
   """The ODE pairs of ``config.ode`` as a sequence (npz paths, or tfds records with ``pairs_format='tfds'``);
   missing ones (up to ``ode.num_prompts``) are generated from the prompts of ``config.data`` with the frozen base as
   teacher (resumable: existing files are kept) and, for tfds, then packed (see module doc)."""
-  from helios_jax.training.trainer import make_source
   o = config.ode
   fmt = o.get("pairs_format", "npz")
   if fmt not in PAIRS_FORMATS:
@@ -350,48 +345,6 @@ def ode_loss(forward, batch: dict, cfg) -> jax.Array:
   return float(cfg.ode.regression_weight) * sum(terms) / len(terms)
 
 
-def train(config, workdir: str, progress: bool = True) -> dict:
-  """Phase 5: generates missing ODE pairs, then ODE-regresses the student (LoRA on the same frozen base)."""
-  from helios_jax.training.ahd_trainer import negative_embeds
-  from helios_jax.training.trainer import export_merged
-  layout = TrainLayout.from_config(config, check_batch=False)  # the batch is one prompt, replicated
-  graphdef, frozen = nnx.split(stages.build_model(config.model))
-  frozen = layout.place(frozen)
-  with jax.set_mesh(layout.mesh):
-    pairs = ensure_pairs(config, graphdef, frozen, negative_embeds(config))
-  tx, schedule = state_lib.make_optimizer(config.optim, int(config.total_steps))
-
-  def init(f):
-    st = state_lib.init_train_state(stages.init_trainable(f, config.train, int(config.seed)), tx, int(config.seed))
-    if config.ema.enabled:
-      st["ema"] = jax.tree.map(jnp.copy, st["trainable"])
-    return st
-
-  opened = loop.open_run(config, workdir, layout.init(init, frozen))
-  scale = stages.lora_scale(config.train)
-  e = config.ema
-
-  def step_fn(st, frozen_, batch):
-    def loss_fn(tr):
-      return ode_loss(lora.bind(graphdef, frozen_, tr, scale), batch, config)
-    loss, grads = jax.value_and_grad(loss_fn)(st["trainable"])
-    updates, opt_state = tx.update(grads, st["opt_state"], st["trainable"])
-    new = dict(st, step=st["step"] + 1, trainable=optax.apply_updates(st["trainable"], updates), opt_state=opt_state)
-    if "ema" in st:
-      new["ema"] = ema_lib.ema_update(st["ema"], new["trainable"], st["step"] + 1, int(e.start_step), float(e.decay))
-    return new, dict(ode_loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(st["step"]))
-
-  step_jit = layout.jit_step(step_fn, opened.state, frozen, batch_sharding=mesh_lib.replicated(layout.mesh))
-  steps = itertools.count(opened.start)  # the data position of each next batch
-
-  state, summary = loop.run_from_config(
-      config, workdir, opened, lambda st, step, batch: step_jit(st, frozen, layout.place_batch(batch)),
-      lambda: ode_batch(pairs, next(steps), config), desc="train ode", loss_key="ode_loss", progress=progress,
-      mesh=layout.mesh, export=lambda st: export_merged(os.path.join(workdir, "merged"), graphdef, frozen,
-                                                        st.get("ema", st["trainable"]), config.train))
-  return dict(summary, num_trainable=lora.count(state["trainable"]), num_pairs=len(pairs))
-
-
 def main(argv=None) -> int:
   """CLI: ``python -m helios_jax.training.ode --convert PAIR_FOLDER [--tfds-dir DIR]`` packs npz pairs into tfds."""
   import argparse
@@ -408,6 +361,13 @@ def main(argv=None) -> int:
   print(f"dataset at {path}; train with --config.ode.pairs_format=tfds --config.ode.data_dir={a.convert}"
         + (f" --config.ode.tfds_dir={a.tfds_dir}" if a.tfds_dir else ""))
   return 0
+
+
+def __getattr__(name):
+  if name == "train":  # the trainer left this module (it imported the other trainers: an import circle)
+    raise AttributeError("helios_jax.training.ode.train moved to helios_jax.training.trainers.ode.train "
+                         "(or helios_jax.training.dispatch.train, which picks the trainer by config.stage)")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from helios_jax.parallel import mesh as mesh_lib
 from helios_jax.parallel.layout import TrainLayout
 from helios_jax.training import (ahd, data, ema as ema_lib, gan, loop, losses, lora, offload, stages,
                                  state as state_lib)
+from helios_jax.training.export import export_merged
+from helios_jax.training.sources import make_source, negative_embeds  # noqa: F401  (negative_embeds re-exported)
 
 
 @dataclasses.dataclass
@@ -123,17 +125,6 @@ def init_state(config, trunks: Trunks, model_config, tx_gen, tx_critic, layout: 
     out["ema"] = offload.copy_to_host(gen, bool(config.offload.ema_on_host))  # jnp.copy keeps the sharding
     out["ema_count"] = build(lambda: jnp.zeros((), jnp.int32))
   return out
-
-
-def negative_embeds(config) -> np.ndarray:
-  """(S, D) float32 negative-prompt embeddings (``dmd.negative_prompt_embeds`` .npy, or zeros)."""
-  path = config.dmd.negative_prompt_embeds
-  if not path:
-    return np.zeros((int(config.data.text_len), int(config.data.text_dim)), np.float32)
-  if not os.path.exists(path):
-    raise InputError(f"dmd.negative_prompt_embeds {path} does not exist")
-  arr = np.load(path).astype(np.float32)
-  return arr[0] if arr.ndim == 3 else arr
 
 
 def split_batch(batch: dict) -> tuple[dict, dict]:
@@ -283,8 +274,7 @@ def train_step(ph: Phases, trunks: Trunks, state: dict, batch: dict, negative, s
 
 
 def train(config, workdir: str, progress: bool = True) -> dict:
-  """Runs (or resumes) the DMD loop in ``workdir`` (same contract as :func:`helios_jax.training.trainer.train`)."""
-  from helios_jax.training.trainer import export_merged, make_source
+  """Runs (or resumes) the DMD loop in ``workdir`` (same contract as :func:`helios_jax.training.trainers.base.train`)."""
   layout = TrainLayout.from_config(config)  # config.mesh; one device when absent
   graphdef, trunks = build_trunks(config, layout)
   model_config = nnx.merge(graphdef, trunks.gen).config

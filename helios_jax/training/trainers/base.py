@@ -1,5 +1,6 @@
-"""Stage 1-2 training: build, resume, run :func:`helios_jax.training.loop.run_from_config`, export the merged
-model."""
+"""Stage 1-2 trainer (Base, Mid): the flow-matching step of :mod:`helios_jax.training.stages` on the one loop
+(:func:`helios_jax.training.loop.run_from_config`); the state is ``init_train_state``'s (step, rng, trainable LoRA /
+full parameters, AdamW state)."""
 
 from __future__ import annotations
 
@@ -7,47 +8,19 @@ import os
 
 from flax import nnx
 
-from helios_jax.errors import InputError
 from helios_jax.parallel.layout import TrainLayout
 from helios_jax.training import data, loop, lora, stages, state as state_lib, validation
-from helios_jax.training.loop import TrainingError  # noqa: F401  (re-exported)
-from helios_jax.training.synthetic import SyntheticClips
-
-
-def make_source(config):
-  """The clip source of ``config.data`` (``synthetic``, an encoded ``demo`` scene set or a prepared ``tfds`` dataset)."""
-  d = config.data
-  if d.source == "synthetic":
-    return SyntheticClips(num_clips=d.num_clips, num_chunks=d.num_chunks, channels=d.channels, height=d.height,
-                          width=d.width, text_len=d.text_len, text_dim=d.text_dim, seed=d.seed)
-  if d.source == "demo":  # rendered scenes encoded by the demo VAE + text encoder (helios_jax.training.demo)
-    from helios_jax.training.demo import DemoLatents
-    return DemoLatents(d.data_dir)
-  if d.source == "tfds":
-    from helios_jax.training import prepare_data  # optional dependency (tensorflow-datasets)
-    return prepare_data.open_source(d.data_dir, d.name)
-  raise InputError(f"data.source must be 'synthetic', 'demo' or 'tfds', got {d.source!r}")
-
-
-def export_merged(folder: str, graphdef, frozen, trainable: dict, train_cfg, dtype=None) -> None:
-  """Fuses the adapters and writes a diffusers transformer folder that ``from_pretrained`` loads."""
-  from helios_jax.io.checkpoint import save_safetensors_folder
-  from helios_jax.io.transformer_weights import to_diffusers_state_dict
-  model = lora.merge_into_model(graphdef, frozen, trainable, stages.lora_scale(train_cfg))
-  tensors = to_diffusers_state_dict(model, dtype=dtype)
-  save_safetensors_folder(folder, tensors, model.config.to_dict())
+from helios_jax.training.export import export_merged
+from helios_jax.training.sources import make_source
 
 
 def train(config, workdir: str, progress: bool = True) -> dict:
-  """Runs (or resumes) a training run in ``workdir``. Returns a summary dict.
+  """Runs (or resumes) a stage-1/2 run in ``workdir``. Returns a summary dict.
 
   Stops after ``config.total_steps`` optimiser steps, on SIGTERM/Ctrl-C (after saving), or raises
-  :class:`TrainingError` on a non-finite loss or gradient norm (the last good checkpoint is kept; see ``loop.run``).
-  Stage 3 (``config.stage`` "ahd" / "ode") runs :mod:`helios_jax.training.ahd_trainer` / ``ode``.
+  :class:`helios_jax.training.loop.TrainingError` on a non-finite loss or gradient norm (the last good checkpoint is
+  kept; see ``loop.run``). Every stage goes through :func:`helios_jax.training.dispatch.train`.
   """
-  if config.stage in ("ahd", "ode"):
-    from helios_jax.training import ahd_trainer, ode
-    return (ahd_trainer.train if config.stage == "ahd" else ode.train)(config, workdir, progress)
   layout = TrainLayout.from_config(config)  # config.mesh; one device when absent
   graphdef, frozen = nnx.split(stages.build_model(config.model))
   frozen = layout.place(frozen)

@@ -4,8 +4,8 @@ Trains the demo VAE (``configs/demo_vae.py``) on single frames only (its image p
 reduced size, with the given ``objective.object_weight``, then scores 32 held-out frames (scene stream 4242):
 PSNR over all pixels, over object pixels (coverage > 0.5) and over the background.
 
-    python benchmarks/demo_vae_object_ab.py --object-weight 0 --steps 400 --out ow0.json
-    python benchmarks/demo_vae_object_ab.py --object-weight 4 --steps 400 --out ow4.json
+    python -m recipes.demo.demo_vae_object_ab --object-weight 0 --steps 400 --out ow0.json
+    python -m recipes.demo.demo_vae_object_ab --object-weight 4 --steps 400 --out ow4.json
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-from benchmarks import print_and_write  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from recipes.demo.records import print_and_write
 
 HELD_OUT_FRAMES = 32
 
@@ -34,8 +32,8 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--out", help="write the result as JSON here")
   args = p.parse_args(argv)
-  import demo_vae
-  from helios_jax.training import demo, scenes, vae_train
+  from configs import demo_vae
+  from recipes.demo import demo, scenes, vae_train
   c = demo_vae.get_config("")
   c.image_steps, c.image_max_seconds, c.image_batch_size = args.steps, 0.0, args.batch
   c.total_steps, c.batch_size, c.stats_clips, c.log_every = 0, args.batch, args.batch, 50

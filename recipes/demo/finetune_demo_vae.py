@@ -2,11 +2,11 @@
 
 The first demo VAE was trained on 17-frame clips and decodes the second half of every 33-frame chunk with a
 colour drift. Re-training the whole VAE changes its latents, so the DiTs trained on them would have to be trained
-again; fine-tuning only the decoder (``helios_jax.training.vae_train.finetune_decoder``, ``configs/demo_vae.py:
+again; fine-tuning only the decoder (``recipes.demo.vae_train.finetune_decoder``, ``configs/demo_vae.py:
 decoder``) keeps every latent and DiT valid. Prints the held-out reconstruction PSNR
-(``helios_jax.training.demo.reconstruction_psnr``) before and after, and writes the new ``vae/`` folder.
+(``recipes.demo.demo.reconstruction_psnr``) before and after, and writes the new ``vae/`` folder.
 
-    python benchmarks/finetune_demo_vae.py --model helios_jax/assets/demo/model --seconds 1500 --out /tmp/vae_ft
+    python -m recipes.demo.finetune_demo_vae --model helios_jax/assets/demo/model --seconds 1500 --out /tmp/vae_ft
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:
@@ -33,9 +31,9 @@ def main(argv=None) -> int:
   p.add_argument("--tiny", action="store_true", help="the :tiny config (tests, CPU smoke runs)")
   args = p.parse_args(argv)
 
-  import demo_vae
+  from configs import demo_vae
   from helios_jax.models.vae import AutoencoderKLWan
-  from helios_jax.training import demo, vae_train
+  from recipes.demo import demo, vae_train
   folder = os.path.join(args.model, "vae") if os.path.isdir(os.path.join(args.model, "vae")) else args.model
   vae = AutoencoderKLWan.from_pretrained(folder)
   config = demo_vae.get_config("tiny" if args.tiny else "decoder")

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Does a demo model use its conditioning? Stage-1 loss on held-out scenes with and without it.
 
-    python benchmarks/demo_conditioning.py --model helios_jax/assets/demo/model --clips 8 --out results.json
+    python -m recipes.demo.demo_conditioning --model helios_jax/assets/demo/model --clips 8 --out results.json
 
 Held-out clips (scene stream ``--scene-seed``, never used in training) are rendered and encoded with the model's
-own VAE and text encoder exactly as the training set is (``helios_jax.training.demo.encode_dataset``). For each
+own VAE and text encoder exactly as the training set is (``recipes.demo.demo.encode_dataset``). For each
 target chunk index the stage-1 flow-matching loss (``helios_jax.training.losses``, corruption and drops off) is
 averaged over ``--draws`` noise draws for four variants of the same batch (same noise, same noise levels):
 
@@ -37,10 +37,8 @@ import tempfile
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-from benchmarks import print_and_write  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from recipes.demo.records import print_and_write
 
 VARIANTS = ("true", "no_history", "i2v_history", "other_caption", "zero_caption")
 
@@ -93,10 +91,11 @@ def main(argv=None) -> int:
 
   import jax
   import jax.numpy as jnp
-  import demo_base
+  from configs import demo_base
   from helios_jax.models.transformer import HeliosTransformer3DModel
   from helios_jax.models.vae import AutoencoderKLWan
-  from helios_jax.training import corruption, demo, losses, scenes
+  from helios_jax.training import corruption, losses
+  from recipes.demo import demo, scenes
   from helios_jax.training.data import assemble_sample
 
   chunks = [int(c) for c in args.chunks.split(",")]

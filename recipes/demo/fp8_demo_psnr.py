@@ -1,7 +1,7 @@
 """How far fp8 moves the bundled demo's output: PSNR of ``sample.py --quantization fp8`` frames against the
 unquantised ones, per chunk (a measurement, not a test).
 
-    python benchmarks/fp8_demo_psnr.py --mode i2v --out /tmp/fp8_demo      # CPU, about 2.5 minutes
+    python -m recipes.demo.fp8_demo_psnr --mode i2v --out /tmp/fp8_demo      # CPU, about 2.5 minutes
 """
 
 from __future__ import annotations
@@ -9,14 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import sample  # noqa: E402
+import sample
 
 WINDOW = 33
 

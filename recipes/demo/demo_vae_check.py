@@ -5,7 +5,7 @@ PSNR on its object pixels and on its background apart.
 The PSNR alone hides what matters to the demo: the scenes are mostly muted background, so a VAE that loses the small
 saturated objects still scores above a flat frame. Look at the sheet.
 
-    python benchmarks/demo_vae_check.py --model helios_jax/assets/demo/model --sheet vae_check.png
+    python -m recipes.demo.demo_vae_check --model helios_jax/assets/demo/model --sheet vae_check.png
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks import print_and_write  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from recipes.demo.records import print_and_write
 
 DEMO = os.path.join(ROOT, "helios_jax", "assets", "demo")
 SHEET_FRAMES = (0, 8, 16, 24, 32)  # frames of the 33-frame chunk shown on the sheet
@@ -26,7 +25,7 @@ SHEET_FRAMES = (0, 8, 16, 24, 32)  # frames of the 33-frame chunk shown on the s
 
 def start_scene(prompts_path: str = os.path.join(DEMO, "prompts.json")):
   """(stacked params of one scene, caption) of the bundled I2V start scene (``prompts.json``)."""
-  from helios_jax.training import demo, scenes
+  from recipes.demo import demo, scenes
   params, caption = demo.bundled_scene(prompts_path, "i2v")
   return scenes.stack_params([params]), caption
 
@@ -40,7 +39,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   from helios_jax.io import media
   from helios_jax.models.vae import AutoencoderKLWan
-  from helios_jax.training import demo, scenes
+  from recipes.demo import demo, scenes
   folder = os.path.join(args.model, "vae") if os.path.isdir(os.path.join(args.model, "vae")) else args.model
   vae = AutoencoderKLWan.from_pretrained(folder)
   cfg = scenes.SceneConfig()

@@ -3,20 +3,20 @@
 call) stage 3 (ODE regression + DMD: the 3-step distilled model) and the Base without anti-drifting (ablation),
 each stage through the project's own trainers, under one wall-clock budget.
 
-    python benchmarks/train_demo.py --out OUT                # GPU, stages 1-2 (about 8 minutes on one H200)
-    python benchmarks/train_demo.py --out OUT --stages ode,ahd,base_nocorrupt --quality   # GPU, second call
-    python benchmarks/train_demo.py --out /tmp/demo --quick  # CPU dry run with the :tiny configs (minutes)
-    python benchmarks/train_demo.py --assemble OUT           # unpack a run's outputs into helios_jax/assets/demo
-    python benchmarks/train_demo.py --out OUT --stages base,base_nocorrupt --continue base --continue base_nocorrupt
+    python -m recipes.demo.train_demo --out OUT                # GPU, stages 1-2 (about 8 minutes on one H200)
+    python -m recipes.demo.train_demo --out OUT --stages ode,ahd,base_nocorrupt --quality   # GPU, second call
+    python -m recipes.demo.train_demo --out /tmp/demo --quick  # CPU dry run with the :tiny configs (minutes)
+    python -m recipes.demo.train_demo --assemble OUT           # unpack a run's outputs into helios_jax/assets/demo
+    python -m recipes.demo.train_demo --out OUT --stages base,base_nocorrupt --continue base --continue base_nocorrupt
                                                              # more steps for assembled models (runs/demo/<stage>)
-    python benchmarks/train_demo.py --out OUT --stages base --set base:objective.random_drop_i2v=0.5
+    python -m recipes.demo.train_demo --out OUT --stages base --set base:objective.random_drop_i2v=0.5
                                                              # a config key overridden for one stage
 
 Writes to OUT (at most 8 files, each well under 16 MiB, so the GPU tool returns them):
   components.tar.gz          vae/ text_encoder/ tokenizer/ (shared by every pipeline folder)
   transformer_<name>.tar.gz  the merged transformer of each trained stage (base, mid, base_nocorrupt, distilled),
                              bfloat16
-  demo_quality.json, sheets/ with --quality: benchmarks/demo_quality.py on every model at hand
+  demo_quality.json, sheets/ with --quality: recipes/demo/demo_quality.py on every model at hand
   train_log.json             losses and timings of every stage (one record per logged step) and the summary
 Each stage has its own budget (seconds); a stage that reaches it saves, stops and exports what it has (the
 record says so), so the command always finishes in time. Latents are encoded once per --work folder and reused by
@@ -25,7 +25,7 @@ in --work is removed: its config may differ, e.g. another --continue folder or -
 
 ``--assemble`` turns those files into diffusers-layout pipeline folders: the default bundled model
 ``helios_jax/assets/demo/model`` (the Base, or the stage named by --default; ``--default none`` bundles nothing) and
-``runs/demo/<name>`` for the others (``benchmarks/demo_quality.py`` compares them).
+``runs/demo/<name>`` for the others (``recipes/demo/demo_quality.py`` compares them).
 """
 
 from __future__ import annotations
@@ -40,10 +40,7 @@ import tarfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ASSETS = os.path.join(ROOT, "helios_jax", "assets", "demo")
 DEFAULT_MODEL = os.path.join(ASSETS, "model")
@@ -73,7 +70,7 @@ def _log(msg: str) -> None:
 def train_with_budget(config, workdir: str, seconds: float) -> dict:
   """``trainer.train`` with a wall-clock budget: SIGTERM at the deadline makes it save and stop; the run is then
   closed at the step it reached (total_steps lowered, which exports the merged model)."""
-  from helios_jax.training.trainer import train
+  from helios_jax.training.dispatch import train
   done = threading.Event()
 
   def alarm():  # SIGTERM once a second from the deadline on: the loop stops at its next step boundary
@@ -168,11 +165,11 @@ def _parse_sets(specs: list[str]) -> list[tuple[str, str, object]]:
 def _stage_config(name: str, variant: str):
   """The config module's ConfigDict of stage ``name`` (``variant`` "" or "tiny"), before the run's own settings:
   the one place that maps a stage to its config (``run`` and ``--set``'s checks)."""
-  import demo_ahd
-  import demo_base
-  import demo_mid
-  import demo_ode
-  import demo_vae
+  from configs import demo_ahd
+  from configs import demo_base
+  from configs import demo_mid
+  from configs import demo_ode
+  from configs import demo_vae
   if name in ("base", "base_nocorrupt"):
     return demo_base.get_config(",".join(v for v in (variant, "nocorrupt" if name == "base_nocorrupt" else "") if v))
   return dict(vae=demo_vae, mid=demo_mid, ode=demo_ode, ahd=demo_ahd)[name].get_config(variant)
@@ -213,7 +210,7 @@ def _tar(path: str, members: dict[str, str]) -> None:
 
 def run(args) -> dict:
   import jax
-  from helios_jax.training import demo, vae_train
+  from recipes.demo import demo, vae_train
   quick = args.quick
   budgets = dict(QUICK_BUDGETS if quick else BUDGETS)
   for item in args.budget or []:
@@ -373,11 +370,11 @@ QUALITY_STEPS = dict(base="50", base_nocorrupt="50", mid="10,10,10", distilled="
 
 
 def quality(args, comp: str, trained: dict, log: dict) -> None:
-  """Runs benchmarks/demo_quality.py on every model at hand: the ones trained now (assembled from ``comp``), the
+  """Runs recipes/demo/demo_quality.py on every model at hand: the ones trained now (assembled from ``comp``), the
   bundled default and ``runs/demo/*`` from an earlier run. Writes OUT/demo_quality.json and contact sheets."""
-  import demo_quality
+  from recipes.demo import demo_quality
   from helios_jax.io.checkpoint import load_json
-  from helios_jax.training import demo
+  from recipes.demo import demo
   folders = {}
   for name in ("base", "base_nocorrupt", "mid", "distilled"):
     for cand in (os.path.join(ROOT, "runs", "demo", name), DEFAULT_MODEL):
@@ -418,7 +415,7 @@ def _extract(tar_path: str, dest: str) -> None:
 def assemble(src: str, default_kind: str = "", runs: str = os.path.join(ROOT, "runs", "demo")) -> dict:
   """Unpacks a run's outputs (``src``) into pipeline folders; returns {name: folder}."""
   import tempfile
-  from helios_jax.training import demo
+  from recipes.demo import demo
   with open(os.path.join(src, "train_log.json"), encoding="utf-8") as f:
     log = json.load(f)
   tmp = tempfile.mkdtemp(prefix="demo_assemble_")
@@ -477,10 +474,10 @@ def main(argv=None) -> int:
   p.add_argument("--clips", type=int, help="number of encoded training clips")
   p.add_argument("--posterior", default="mean", choices=("mean", "sample"),
                  help="latents stored for the transformer stages: the VAE posterior mean (default) or a sample "
-                      "(see helios_jax.training.demo: sampled latents made the first Base ignore its history)")
+                      "(see recipes.demo.demo: sampled latents made the first Base ignore its history)")
   p.add_argument("--batch", type=int, help="override every stage's batch size (a CPU dry run of the full configs)")
   p.add_argument("--quality", action="store_true",
-                 help="afterwards run benchmarks/demo_quality.py on the trained, bundled and runs/demo/* models")
+                 help="afterwards run recipes/demo/demo_quality.py on the trained, bundled and runs/demo/* models")
   p.add_argument("--quality-models", help="comma list: benchmark only these (base, base_nocorrupt, mid, distilled)")
   p.add_argument("--quality-clips", type=int, default=8)
   p.add_argument("--quality-chunks", type=int, default=10)
