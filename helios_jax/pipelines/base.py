@@ -223,6 +223,19 @@ class HeliosPipelineBase:
     self._split = None
     return quantize_blocks(self.transformer, scaling, gemm_output)
 
+  def offload_transformer_layers(self, host_kind: str | None = "auto") -> str | None:
+    """Low-VRAM mode: keeps the transformer's per-layer block weights in host memory (pinned where the backend has
+    it) and brings each layer to the device inside the jitted forward one layer ahead of its use
+    (:mod:`helios_jax.offload`); the frames are the same as without it. Unstacks the layers first
+    (:meth:`unstack_transformer_layers`). Returns the memory kind the weights now live in, or None where the
+    backend has no host memory space (then they stay on the device)."""
+    from helios_jax.offload import offload_layers
+    self.unstack_transformer_layers()
+    graphdef, (state, layers) = self._split
+    layers = offload_layers(layers, host_kind)
+    self._split = (graphdef, (state, layers))
+    return layers.host_kind
+
   def free_text_encoder(self):
     """Drops the text encoder (11 GB for UMT5-XXL) once prompts are encoded; pass embeddings afterwards."""
     self.text_encoder = None
