@@ -3,7 +3,7 @@
 A benchmark, not a test. One iteration = a generator step (student rollout, DMD teacher/critic evaluations, GAN
 generator term with Cache Grad, rollout again with gradient, AdamW) plus a critic step (rollout, fake-score flow
 matching, packed discriminator on fake / real / R1-perturbed crops, approximate R1, AdamW) plus the EMA update,
-exactly the code path of ``train.py --config configs/ahd.py:gan`` (``helios_jax.training.ahd_trainer.train_step``).
+exactly the code path of ``train.py --config configs/ahd.py:gan`` (``helios_jax.training.trainers.ahd.train_step``).
 
 Settings of the 14B run: ``HeliosTransformerConfig()`` defaults, 384x640 pixels -> 48x80 latents, 9-latent chunk,
 history 16/2/1, batch 1, LoRA rank 256 on all linear layers (+ the memory-patch LoRAs of the generator), GAN heads
@@ -32,7 +32,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -40,7 +39,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from helios_jax.models.transformer import HeliosTransformer3DModel  # noqa: E402
-from helios_jax.training import ahd_trainer, offload, stages, state as state_lib  # noqa: E402
+from helios_jax.training import offload, stages, state as state_lib  # noqa: E402
+from helios_jax.training.trainers import ahd as ahd_trainer  # noqa: E402
 
 GIB = 2 ** 30
 TARGET_GIB = 80.0  # an 80 GB H100, the reference's stage-3 budget (issue #127)
@@ -107,7 +107,7 @@ def build_trunk(model_cfg, seed: int):
 
 
 def make_config(args):
-  import ahd as ahd_config
+  from configs import ahd as ahd_config
   c = ahd_config.get_config("gan")
   c.gan.start_step = 0  # the iteration includes the GAN terms
   c.dmd.amplify_first_chunk = False  # a non-zero history: the regular [2, 2, 2] rollout

@@ -63,7 +63,6 @@ if ARGS is not None and ARGS.backend == "cpu":
                              + f" --xla_force_host_platform_device_count={max(ARGS.devices)}").strip()
 
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -80,8 +79,8 @@ CHUNK = 9  # latent frames per chunk (33 video frames)
 
 
 def stage_config(stage: str, args, n: int):
-  import base as base_config
-  import mid as mid_config
+  from configs import base as base_config
+  from configs import mid as mid_config
   cfg = (base_config if stage == "base" else mid_config).get_config("tiny" if args.arch == "tiny" else "")
   cfg.mesh[args.axis] = n
   cfg.batch_size = args.per_device_batch * cfg.mesh.data * cfg.mesh.fsdp
@@ -152,8 +151,8 @@ def analyse_ahd(n: int, args) -> dict:
   critic trainables + AdamW states, the EMA (no host offload: the mesh's FSDP replaces it). The iteration's peak
   is estimated as resident + the largest phase's temporaries and outputs.
   """
-  import ahd as ahd_config
-  from helios_jax.training import ahd_trainer
+  from configs import ahd as ahd_config
+  from helios_jax.training.trainers import ahd as ahd_trainer
   c = ahd_config.get_config("gan")
   if args.arch == "tiny":
     ahd_config.make_tiny(c)

@@ -41,7 +41,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -58,8 +57,8 @@ STAGES = ("base", "mid")
 
 def stage_config(stage: str, arch: str, args):
   """The stage's config (default variant, or ``:tiny``) with the benchmark's size and batch."""
-  import base as base_config
-  import mid as mid_config
+  from configs import base as base_config
+  from configs import mid as mid_config
   cfg = (base_config if stage == "base" else mid_config).get_config("tiny" if arch == "tiny" else "")
   cfg.batch_size = args.batch
   cfg.model.remat_policy = args.remat

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 import jax
@@ -15,7 +14,6 @@ jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 from helios_jax.training import dmd, ema, gan  # noqa: E402
 
@@ -162,10 +160,11 @@ def test_ema_decay_ramp_and_update():
 # ---------------------------------------------------------------------------------------------------------------
 # The AHD step on the tiny model
 
-import ahd as ahd_config  # noqa: E402
-import ode as ode_config  # noqa: E402
+from configs import ahd as ahd_config  # noqa: E402
+from configs import ode as ode_config  # noqa: E402
 
-from helios_jax.training import ahd, ahd_trainer, metrics, offload, state as state_lib  # noqa: E402
+from helios_jax.training import ahd, metrics, offload, state as state_lib  # noqa: E402
+from helios_jax.training.trainers import ahd as ahd_trainer  # noqa: E402
 from helios_jax.training.data import get_pair_batch  # noqa: E402
 from helios_jax.training.synthetic import SyntheticClips  # noqa: E402
 
@@ -350,8 +349,8 @@ def test_tiny_ode_pairs_and_regression(tmp_path):
   c.ode.num_prompts = 1
   c.total_steps = 4
   c.checkpoint.every = 2
-  from helios_jax.training import ode, trainer
-  out = trainer.train(c, str(tmp_path / "run"), progress=False)
+  from helios_jax.training import dispatch, ode
+  out = dispatch.train(c, str(tmp_path / "run"), progress=False)
   assert out["final_step"] == 4 and out["num_pairs"] == 1
   assert all(np.isfinite(out["losses"]))
   rec = np.load(ode.list_pairs(c.ode.data_dir)[0])

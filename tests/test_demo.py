@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helios_jax.training import demo, scenes
+from recipes.demo import demo, scenes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = scenes.SceneConfig(height=64, width=64)
@@ -155,8 +155,7 @@ def test_vae_state_dict_round_trip():
 
 
 def _tiny_vae_config():
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import demo_vae
+  from configs import demo_vae
   c = demo_vae.get_config("tiny")
   c.data.height = c.data.width = 64
   c.data.frames = 1
@@ -166,7 +165,7 @@ def _tiny_vae_config():
 
 def test_vae_objective_decreases_on_a_fixed_batch():
   import optax
-  from helios_jax.training import vae_train
+  from recipes.demo import vae_train
   c = _tiny_vae_config()
   model = _numpy_vae(vae_train.vae_config(c.model), 0)
   graphdef, params = nnx.split(model)
@@ -191,7 +190,7 @@ def test_vae_objective_decreases_on_a_fixed_batch():
 def test_decoder_finetune_trains_the_decoder_only(tmp_path):
   """``finetune_decoder`` leaves the encoder side (and so every encoded latent) bit-identical, moves the decoder,
   and lowers the reconstruction loss on its batch stream."""
-  from helios_jax.training import vae_train
+  from recipes.demo import vae_train
   c = _tiny_vae_config()
   c.total_steps, c.log_every, c.batch_size = 6, 1, 2
   c.optim.learning_rate = 3e-3
@@ -265,7 +264,6 @@ def _one_step_per_stage() -> list[str]:
 
 
 def test_sample_without_model_uses_the_bundled_demo(tmp_path, capsys):
-  sys.path.insert(0, ROOT)
   import sample
   if not os.path.isfile(os.path.join(sample.DEMO_DIR, "model", "model_index.json")):
     pytest.skip("bundled demo model not present")
@@ -307,9 +305,9 @@ def test_train_demo_quick_chain(tmp_path):
   """The GPU script's whole chain on the CPU with the :tiny configs, then --assemble and sampling."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = tmp_path / "out"
-  subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_demo.py"), "--out", str(out), "--quick",
+  subprocess.run([sys.executable, "-m", "recipes.demo.train_demo", "--out", str(out), "--quick",
                   "--work", str(tmp_path / "work"), "--stages", "vae,base,mid", "--clips", "4",
-                  "--set", "base:objective.random_drop_i2v=0.5"], check=True, env=env)
+                  "--set", "base:objective.random_drop_i2v=0.5"], check=True, env=env, cwd=ROOT)
   log = json.load(open(out / "train_log.json"))
   assert {"vae", "data", "base", "mid"} <= set(log["stages"])
   assert log["sets"] == ["base:objective.random_drop_i2v=0.5"]
@@ -318,7 +316,7 @@ def test_train_demo_quick_chain(tmp_path):
   assert sorted(os.listdir(out)) == ["components.tar.gz", "train_log.json", "transformer_base.tar.gz",
                                      "transformer_mid.tar.gz"]
   # --continue-mid: more Mid steps from a Mid pipeline folder (and a clear skip when --reuse is not a Mid)
-  from helios_jax.training import demo
+  from recipes.demo import demo
   comp, mid = tmp_path / "work" / "components", tmp_path / "mid_folder"
   demo.write_pipeline_folder(str(mid), "mid", str(tmp_path / "work" / "mid" / "merged"), str(comp / "vae"),
                              str(comp / "text_encoder"), str(comp / "tokenizer"), extra={"helios_jax_demo": "mid"})
@@ -327,31 +325,31 @@ def test_train_demo_quick_chain(tmp_path):
                              str(comp / "text_encoder"), str(comp / "tokenizer"), extra={"helios_jax_demo": "base"})
   for reuse, expect in ((mid, True), (base, False)):
     out2 = tmp_path / f"out_{expect}"
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_demo.py"), "--out", str(out2),
+    run = subprocess.run([sys.executable, "-m", "recipes.demo.train_demo", "--out", str(out2),
                           "--quick", "--work", str(tmp_path / "work"), "--stages", "mid", "--continue-mid",
-                          "--reuse", str(reuse), "--clips", "4"], check=True, env=env, capture_output=True, text=True)
+                          "--reuse", str(reuse), "--clips", "4"], check=True, env=env, cwd=ROOT, capture_output=True, text=True)
     assert (out2 / "transformer_mid.tar.gz").exists() == expect, run.stdout
     if not expect:
       assert "--continue mid needs a mid pipeline folder" in run.stdout
   # --continue base=FOLDER: more Base steps from an assembled Base (its own workdir, not the Base run's)
   out3 = tmp_path / "out_base"
-  subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_demo.py"), "--out", str(out3), "--quick",
+  subprocess.run([sys.executable, "-m", "recipes.demo.train_demo", "--out", str(out3), "--quick",
                   "--work", str(tmp_path / "work"), "--stages", "base", "--continue", f"base={base}", "--clips", "4"],
-                 check=True, env=env)
+                 check=True, env=env, cwd=ROOT)
   assert (out3 / "transformer_base.tar.gz").exists()
   assert (tmp_path / "work" / "base_continued" / "merged").is_dir()
   # a second call on the same --work with another config: a fresh run (resuming the first one's would fail)
   out4 = tmp_path / "out_base_again"
-  again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_demo.py"), "--out", str(out4),
+  again = subprocess.run([sys.executable, "-m", "recipes.demo.train_demo", "--out", str(out4),
                           "--quick", "--work", str(tmp_path / "work"), "--stages", "base", "--continue", f"base={base}",
                           "--clips", "4", "--set", "base:optim.schedule=warmup_stable_decay"],
-                         env=env, capture_output=True, text=True)
+                         env=env, cwd=ROOT, capture_output=True, text=True)
   assert again.returncode == 0, again.stdout + again.stderr
   assert "removing the earlier run" in again.stdout and (out4 / "transformer_base.tar.gz").exists()
   saved = json.load(open(tmp_path / "work" / "base_continued" / "config.json"))
   assert saved["optim"]["schedule"] == "warmup_stable_decay"
-  bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_demo.py"), "--out", str(out3),
-                        "--continue", "vae"], env=env, capture_output=True, text=True)
+  bad = subprocess.run([sys.executable, "-m", "recipes.demo.train_demo", "--out", str(out3),
+                        "--continue", "vae"], env=env, cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 2 and "the stage must be one of base, base_nocorrupt, mid" in bad.stderr
 
 
@@ -455,11 +453,9 @@ def test_psnr_parts_split_the_chunk_where_the_checks_look():
 
 
 def _benchmark(name: str):
-  """A script of benchmarks/ as a module (the folder is not a package on the import path)."""
+  """A script of the demo recipe (recipes/demo/<name>.py) as a module."""
   import importlib
-  if os.path.join(ROOT, "benchmarks") not in sys.path:
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  return importlib.import_module(name)
+  return importlib.import_module(f"recipes.demo.{name}")
 
 
 def _demo_quality():
@@ -597,8 +593,8 @@ def test_conditioning_variants_change_only_their_input():
 
 
 def test_conditioning_fixed_sigma_lands_on_the_asked_noise_level():
-  demo_conditioning = _benchmark("demo_conditioning")  # puts configs/ (demo_base) on the path too
-  import demo_base
+  demo_conditioning = _benchmark("demo_conditioning")
+  from configs import demo_base
   from helios_jax.training import losses
   obj = demo_base.get_config("").objective
   for sigma in (1.0, 0.95, 0.7, 0.3, 0.001):
@@ -646,7 +642,7 @@ def test_vae_reconstruction_psnr_sees_a_broken_decoder():
 def test_vae_learning_rate_follows_the_budget_when_it_ends_first():
   """``budgeted_lr``: the schedule runs over the steps or the wall-clock budget, whichever ends first."""
   import optax
-  from helios_jax.training import vae_train
+  from recipes.demo import vae_train
   sched = optax.warmup_cosine_decay_schedule(0.0, 1.0, 10, 100, 0.05)
   assert vae_train.budgeted_lr(sched, 50, 100, 0.0, 0.0) == float(sched(50))  # no budget: by step
   assert vae_train.budgeted_lr(sched, 20, 100, 90.0, 100.0) == float(sched(90))  # budget 90% spent at step 20
@@ -656,7 +652,7 @@ def test_vae_learning_rate_follows_the_budget_when_it_ends_first():
 
 def test_vae_first_frame_weight_weighs_frame_zero():
   """With ``first_frame_weight`` k the reconstruction terms are per-frame means weighted (k, 1, 1, ...)."""
-  from helios_jax.training import vae_train
+  from recipes.demo import vae_train
   c = _tiny_vae_config()
   c.data.frames = 5
   model = _numpy_vae(vae_train.vae_config(c.model), 0)
@@ -673,10 +669,10 @@ def test_vae_first_frame_weight_weighs_frame_zero():
 
 
 def test_demo_vae_check_reports_and_draws_the_start_scene(tmp_path):
-  """benchmarks/demo_vae_check.py: the start-scene PSNR is the reconstruction's, and the sheet is truth over recon."""
+  """recipes/demo/demo_vae_check.py: the start-scene PSNR is the reconstruction's, and the sheet is truth over recon."""
   demo_vae_check = _benchmark("demo_vae_check")
   from helios_jax.io import media
-  from helios_jax.training import demo, scenes, vae_train
+  from recipes.demo import demo, scenes, vae_train
   from PIL import Image
   c = _tiny_vae_config()
   model = _numpy_vae(vae_train.vae_config(c.model), 0)
@@ -701,7 +697,7 @@ def test_demo_vae_check_reports_and_draws_the_start_scene(tmp_path):
 
 
 def test_masked_psnr_scores_only_the_mask():
-  from helios_jax.training import demo
+  from recipes.demo import demo
   truth = np.zeros((2, 4, 4, 3))
   recon = truth.copy()
   recon[0, 0, 0] = 0.1  # one wrong pixel, inside the mask
@@ -748,7 +744,7 @@ def test_vae_object_weighted_loss_matches_numpy():
   """Pixel weights ``1 + object_weight * cover`` and frame weights together: a weighted mean over every element;
   ``object_weight`` 0 gives exactly the unweighted loss (and training step)."""
   import optax
-  from helios_jax.training import vae_train
+  from recipes.demo import vae_train
   c = _tiny_vae_config()
   scfg = vae_train.scene_config(c.data)
   model = _numpy_vae(vae_train.vae_config(c.model), 0)
@@ -781,7 +777,8 @@ def test_vae_object_weighted_loss_matches_numpy():
 
 def test_train_vae_runs_an_image_phase_then_the_video_phase(tmp_path):
   from helios_jax.models.vae import AutoencoderKLWan
-  from helios_jax.training import metrics, vae_train
+  from helios_jax.training import metrics
+  from recipes.demo import vae_train
   c = _tiny_vae_config()
   c.image_steps, c.total_steps, c.log_every, c.stats_clips = 2, 2, 1, 2
   assert c.objective.object_weight > 0
@@ -793,7 +790,7 @@ def test_train_vae_runs_an_image_phase_then_the_video_phase(tmp_path):
 
 
 def test_demo_vae_object_ab_runs_and_scores_objects_apart(tmp_path):
-  """benchmarks/demo_vae_object_ab.py on 2 steps: the three PSNRs are finite and the object score is its own."""
+  """recipes/demo/demo_vae_object_ab.py on 2 steps: the three PSNRs are finite and the object score is its own."""
   demo_vae_object_ab = _benchmark("demo_vae_object_ab")
   demo_vae_object_ab.main(["--object-weight", "4", "--steps", "2", "--batch", "2", "--out", str(tmp_path / "r.json")])
   r = json.loads((tmp_path / "r.json").read_text())

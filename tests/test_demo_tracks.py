@@ -1,4 +1,4 @@
-"""benchmarks/demo_quality.py's per-frame object tracker (``--score-video --per-frame``): events on synthetic frames
+"""recipes/demo/demo_quality.py's per-frame object tracker (``--score-video --per-frame``): events on synthetic frames
 built for the purpose, the bundled scene's own frames, and the README / model card against the recorded tracks."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ import importlib
 import json
 import os
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -18,9 +17,7 @@ RECORD = os.path.join(ROOT, "benchmarks", "results", "demo_tracks_bundled.json")
 
 
 def _dq():
-  if os.path.join(ROOT, "benchmarks") not in sys.path:
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  return importlib.import_module("demo_quality")
+  return importlib.import_module("recipes.demo.demo_quality")
 
 
 def _synthetic(n: int = 40) -> np.ndarray:
@@ -107,7 +104,7 @@ def test_tracks_of_the_bundled_scenes_own_frames(tmp_path, capsys):
   one blob, on target, no jumps, the caption's direction; t2v gets motion only; --per-frame keeps both modes."""
   dq = _dq()
   from helios_jax.io import media
-  from helios_jax.training import demo, scenes
+  from recipes.demo import demo, scenes
   prompts = os.path.join(ROOT, "helios_jax", "assets", "demo", "prompts.json")
   cfg = scenes.SceneConfig(height=128, width=128)
   out = tmp_path / "tracks.json"

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
-import ode as ode_config  # noqa: E402
+from configs import ode as ode_config  # noqa: E402
 
 from helios_jax.errors import InputError  # noqa: E402
 from helios_jax.training import ahd, ode  # noqa: E402
@@ -166,7 +165,7 @@ def test_list_pairs_skips_interrupted_writes(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_ode_training_same_losses_from_tfds_and_npz(tmp_path):
-  from helios_jax.training import trainer
+  from helios_jax.training import dispatch
   runs = {}
   for fmt in ("tfds", "npz"):  # tfds first: generates the npz pairs, packs them and trains from the dataset
     c = ode_config.get_config("tiny")
@@ -175,7 +174,7 @@ def test_tiny_ode_training_same_losses_from_tfds_and_npz(tmp_path):
     c.ode.pairs_format = fmt
     c.total_steps = 3
     c.checkpoint.every = 3
-    runs[fmt] = trainer.train(c, str(tmp_path / f"run_{fmt}"), progress=False)
+    runs[fmt] = dispatch.train(c, str(tmp_path / f"run_{fmt}"), progress=False)
   assert os.path.isdir(tmp_path / "pairs" / "tfds" / ode.DATASET_NAME)
   assert runs["tfds"]["num_pairs"] == runs["npz"]["num_pairs"] == 1
   assert all(np.isfinite(runs["tfds"]["losses"])) and len(runs["tfds"]["losses"]) == 3

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -22,15 +21,16 @@ jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
-import base as base_config  # noqa: E402
-import mid as mid_config  # noqa: E402
+from configs import base as base_config  # noqa: E402
+from configs import mid as mid_config  # noqa: E402
 
 from helios_jax.models.transformer import HeliosTransformer3DModel  # noqa: E402
 from helios_jax.training import corruption, data, losses, lora, metrics, stages  # noqa: E402
 from helios_jax.training.synthetic import SyntheticClips  # noqa: E402
-from helios_jax.training.trainer import TrainingError, make_source, train  # noqa: E402
+from helios_jax.training.dispatch import train  # noqa: E402
+from helios_jax.training.loop import TrainingError  # noqa: E402
+from helios_jax.training.sources import make_source  # noqa: E402
 
 
 def small(cfg, steps=60):

@@ -15,13 +15,12 @@ import pytest
 from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
-import base as base_config  # noqa: E402
-import mid as mid_config  # noqa: E402
+from configs import base as base_config  # noqa: E402
+from configs import mid as mid_config  # noqa: E402
 
 from helios_jax.training import data, losses, lora, metrics, stages  # noqa: E402
-from helios_jax.training.trainer import make_source  # noqa: E402
+from helios_jax.training.sources import make_source  # noqa: E402
 
 
 def _small(cfg):
@@ -180,7 +179,7 @@ def test_validation_samples_and_tensorboard_from_a_tiny_run(tmp_path):
   """Base tiny run, 2 steps, sampling every step: an mp4 per prompt and step that decodes to 33 frames at 64x64;
   TensorBoard holds the same metrics as metrics.jsonl."""
   from helios_jax.io.media import read_video
-  from helios_jax.training.trainer import train
+  from helios_jax.training.dispatch import train
   cfg = _tiny_validation(_small(base_config.get_config("tiny")))
   cfg.total_steps = 2
   out = train(cfg, str(tmp_path), progress=False)
