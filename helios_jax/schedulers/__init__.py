@@ -1,15 +1,26 @@
-"""helios_jax.schedulers: the Helios pyramid schedulers (UniPC / Euler, and DMD for Helios-Distilled)."""
+"""helios_jax.schedulers: the Helios pyramid schedulers (UniPC / Euler, and DMD for Helios-Distilled).
+
+One concept per module: ``shift`` (mu and the time-shift maps), ``config`` (JSON configs), ``pyramid`` (stage
+geometry and one stage's schedule), ``tables`` (host tables and their device copy), ``solver_state``, ``unipc``,
+``euler``, ``base`` (what both scheduler classes share), ``helios`` (:class:`HeliosScheduler`), ``dmd``
+(:class:`HeliosDMDScheduler`).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 from helios_jax.errors import CheckpointError, InputError
+from helios_jax.schedulers.base import SchedulerOutput
+from helios_jax.schedulers.config import HeliosSchedulerConfig, read_scheduler_config
 from helios_jax.schedulers.dmd import HeliosDMDScheduler, HeliosDMDSchedulerConfig, dmd_step
-from helios_jax.schedulers.helios import (HeliosScheduler, HeliosSchedulerConfig, SchedulerOutput, SchedulerTables,
-                                          SolverState, StageGeometry, StepTables, build_stage_geometry,
-                                          calculate_shift, euler_step, helios_step, init_solver_state,
-                                          read_scheduler_config, time_shift, unipc_step)
+from helios_jax.schedulers.euler import euler_step
+from helios_jax.schedulers.helios import HeliosScheduler, helios_step
+from helios_jax.schedulers.pyramid import StageGeometry, build_stage_geometry
+from helios_jax.schedulers.shift import calculate_shift, time_shift
+from helios_jax.schedulers.solver_state import SolverState, init_solver_state
+from helios_jax.schedulers.tables import SchedulerTables, StepTables
+from helios_jax.schedulers.unipc import unipc_step
 
 __all__ = [
     "HeliosScheduler", "HeliosSchedulerConfig", "HeliosDMDScheduler", "HeliosDMDSchedulerConfig",

@@ -5,7 +5,7 @@ x0 = x - sigma(t) * v and, unless it is the last call of the stage, re-noises x0
 started from* (``noisy_start``, not fresh noise): x_next = (1 - sigma') * x0 + sigma' * noisy_start, with sigma'
 the sigma of the next timestep. The last call of a stage returns x0 itself.
 
-Schedule (host, float64; shared with :mod:`helios_jax.schedulers.helios`): a stage with n requested calls is built
+Schedule (host, float64; :mod:`helios_jax.schedulers.pyramid`, shared with the UniPC scheduler): a stage with n requested calls is built
 with m = n + 1 points (m = 2n + 1 for the amplified first chunk), then the last timestep and the second-to-last
 sigma are dropped, giving n (or 2n) timesteps and n + 1 (or 2n + 1) sigmas ending with 0; dynamic shifting then
 applies as in the UniPC scheduler. Sigma look-ups go through ``argmin |timesteps - trunc(t)|`` like the
@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from helios_jax.errors import InputError
-from helios_jax.schedulers.helios import (PyramidScheduler, PyramidSchedulerConfig, SchedulerOutput, SchedulerTables,
-                                          StepTables, stage_schedule)
+from helios_jax.schedulers.base import PyramidScheduler, SchedulerOutput
+from helios_jax.schedulers.config import PyramidSchedulerConfig
+from helios_jax.schedulers.pyramid import stage_schedule
+from helios_jax.schedulers.tables import SchedulerTables, StepTables
 
 
 @dataclasses.dataclass(frozen=True)
