@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "reference", "fixtures")
 TINY = os.path.join(FIX, "pipeline", "distilled")
 sys.path.insert(0, ROOT)
-import sample  # noqa: E402
+from helios_jax.cli import sample  # noqa: E402
 
 DATA = dict(np.load(os.path.join(FIX, "media.npz")))
 LATENT_TOL = 1e-5  # absolute, on latents of magnitude ~1..8

@@ -25,7 +25,7 @@ from helios_jax.io.model_folder import bundled_demo, inspect_model_folder, load_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import sample  # noqa: E402
+from helios_jax.cli import sample  # noqa: E402
 
 DEMO = bundled_demo()
 SMALL = ["--height", "64", "--width", "64", "--steps", "2", "--guidance", "1", "--compile-cache", "none"]

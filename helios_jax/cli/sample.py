@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Generate videos with Helios from the command line (T2V, I2V or V2V), written as H.264 mp4s (24 fps by default).
 
     python sample.py --mode t2v --model Helios-Distilled --prompt "A red fox runs through fresh snow"
@@ -27,19 +26,18 @@ one 33-frame chunk, contradictory arguments, an unwritable output path, a bad dt
 ``error: ...`` on stderr and exit status 2, before any model is loaded where possible; each mp4 and contact sheet
 is written to a temporary name and renamed when complete, so nothing half-written is left behind.
 
-This file is a thin layer over :mod:`helios_jax`; ``main(argv)`` returns the exit status (importable for tests).
+A thin layer over :mod:`helios_jax` (``python sample.py`` in the repository root runs it); ``main(argv)`` returns
+the exit status. The videos of a run are planned in :mod:`helios_jax.cli.jobs`, progress is printed by
+:mod:`helios_jax.cli.progress`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import gc
 import math
 import os
-import re
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -55,6 +53,9 @@ from helios_jax.io.model_folder import DEFAULT_HEIGHT, DEFAULT_WIDTH, DEMO_DIR, 
     inspect_model_folder, load_pipeline
 from helios_jax.pipelines.base import trimmed_frames
 from helios_jax.pipelines.prompts import OFFICIAL_INTERPOLATE_TIME, OFFICIAL_INTERPOLATION_STEPS, PromptSchedule
+from helios_jax.cli.jobs import Job, _show, _writable_jobs, plan_jobs
+from helios_jax.cli.progress import SHEET_FRAMES, _duration, _encoding_line, _eta, _print_summary, _report_chunk, \
+    _SheetFrames, _step_progress_wanted, _StepReporter, _VideoStats  # noqa: F401
 
 REAL_WEIGHTS = (
     "download the real weights in diffusers format from Hugging Face (BestWishYsh/Helios-Distilled for fast "
@@ -63,7 +64,6 @@ REAL_WEIGHTS = (
 DEMO_MISSING = "no --model given, and the bundled demo model is missing from this installation: " + REAL_WEIGHTS
 DEFAULT_SEED = 42
 MAX_SEQUENCE_LENGTH = 512
-SHEET_FRAMES = 8  # frames on a contact sheet (media.write_contact_sheet's default)
 LONG_VIDEO_FRAMES = 1452  # 44 chunks, a minute of video at 24 fps: longer videos get a warning on a CPU
 
 # How the library's messages name the settings on this command line.
@@ -248,12 +248,6 @@ def _check_arguments(args) -> None:
   args.pad_fill = args.pad_fill or "black"
 
 
-def _show(path: str) -> str:
-  """A path as messages show it: relative to the working folder when inside it, else as it is."""
-  rel = os.path.relpath(path)
-  return path if rel.startswith("..") else rel
-
-
 def _use_demo(args) -> None:
   """No --model: the bundled demo model, and its bundled prompt / start image / start video where not given."""
   try:
@@ -349,118 +343,6 @@ def _read_inputs(args, plan: ModelPlan) -> dict:
 # The videos of a run: one, or one per prompt-file line / interactive-CSV id
 
 
-@dataclasses.dataclass(frozen=True)
-class Job:
-  """One video to make.
-
-  Attributes:
-    out: the mp4 (made absolute by the writability check); sheet: its contact sheet or None.
-    seed: the video's seed.
-    prompt: its prompt text (None with --prompt-embeds or a schedule).
-    schedule: its interactive prompt schedule (--interactive-prompts), else None.
-    label: what the video is in messages ("" for a single video, "prompt 3" / "id 7" from a file).
-  """
-
-  out: str
-  sheet: str | None
-  seed: int
-  prompt: str | None = None
-  schedule: PromptSchedule | None = None
-  label: str = ""
-
-
-def read_prompt_file(path: str) -> list[str]:
-  """The non-empty lines of a UTF-8 text file (a byte-order mark is allowed), stripped.
-
-  Raises:
-    InputError: the file is missing, a folder, unreadable, not UTF-8 text, or has no prompt.
-  """
-  if os.path.isdir(path):
-    raise InputError(f"prompt file {path} is a folder")
-  if not os.path.isfile(path):
-    raise InputError(f"prompt file not found: {path}")
-  try:
-    with open(path, encoding="utf-8-sig") as f:
-      text = f.read()
-  except UnicodeDecodeError as e:
-    raise InputError(f"prompt file {path} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
-  except OSError as e:
-    raise InputError(f"cannot read prompt file {path}: {e.strerror}") from None
-  if "\x00" in text:
-    raise InputError(f"prompt file {path} is not a text file (it holds NUL bytes)")
-  prompts = [line.strip() for line in text.splitlines() if line.strip()]
-  if not prompts:
-    raise InputError(f"prompt file {path} has no prompts (expected one prompt per line)")
-  return prompts
-
-
-def _numbered(path: str | None, tag: str) -> str | None:
-  """``dir/stem.ext`` -> ``dir/stem_<tag>.ext``."""
-  if path is None:
-    return None
-  stem, ext = os.path.splitext(path)
-  return f"{stem}_{tag}{ext}"
-
-
-def _file_tag(video_id: str) -> str:
-  """A CSV id as it goes into a file name: characters other than letters, digits, '.', '-' and '_' become '_'."""
-  return re.sub(r"[^\w.-]", "_", video_id) or "_"
-
-
-def plan_jobs(args) -> list[Job]:
-  """The run's videos with their output paths and seeds, from --prompt / --prompt-embeds (one video),
-  --prompt-file (one per line) or --interactive-prompts (one per id). Reads and checks the prompt files.
-
-  Raises:
-    InputError: a prompt file that cannot be used, or CSV ids that give the same file name.
-  """
-  if args.interactive_prompts:
-    schedules = PromptSchedule.from_csv(args.interactive_prompts, interpolate_time=args.interpolate_time,
-                                        interpolation_steps=args.interpolation_steps)
-    entries = [(f"id {vid}", _file_tag(vid), None, s) for vid, s in schedules.items()]
-    seen: dict[str, str] = {}
-    for label, tag, _, _ in entries:
-      if tag in seen:
-        raise InputError(f"{args.interactive_prompts}: {seen[tag]} and {label} give the same output name "
-                         f"{_numbered(args.out, tag)}")
-      seen[tag] = label
-  elif args.prompt_file:
-    lines = read_prompt_file(args.prompt_file)
-    digits = max(3, len(str(len(lines) - 1)))
-    entries = [(f"prompt {i}", f"{i:0{digits}d}", text, None) for i, text in enumerate(lines)]
-  else:
-    return [Job(out=args.out, sheet=args.contact_sheet, seed=args.seed, prompt=args.prompt)]
-  if len(entries) == 1:
-    label, _, text, schedule = entries[0]
-    return [Job(out=args.out, sheet=args.contact_sheet, seed=args.seed, prompt=text, schedule=schedule, label=label)]
-  return [Job(out=_numbered(args.out, tag), sheet=_numbered(args.contact_sheet, tag), seed=args.seed + i,
-              prompt=text, schedule=schedule, label=label) for i, (label, tag, text, schedule) in enumerate(entries)]
-
-
-def _writable(path: str, what: str) -> str:
-  """``media.check_writable`` (which creates a missing folder), saying so when it did."""
-  folder = os.path.dirname(os.path.abspath(path))
-  existed = os.path.isdir(folder)
-  path = media.check_writable(path, what)
-  if not existed:
-    print(f"created folder {_show(folder)}", flush=True)
-  return path
-
-
-def _writable_jobs(jobs: list[Job], batch: bool, overwrite: bool) -> list[Job]:
-  """Checks every output path can be written (absolute paths back); in a batch run (a prompt file or CSV) drops,
-  with a message, the videos whose mp4 already exists unless ``overwrite``."""
-  todo = []
-  for job in jobs:
-    out = _writable(job.out, "output video")
-    sheet = _writable(job.sheet, "contact sheet") if job.sheet else None
-    if batch and not overwrite and os.path.exists(out):
-      print(f"skipping {job.label}: {out} exists (pass --overwrite to replace it)", flush=True)
-      continue
-    todo.append(dataclasses.replace(job, out=out, sheet=sheet))
-  return todo
-
-
 # ------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -525,110 +407,6 @@ class _PromptArguments:
     return dict(negative_prompt_embeds=self._negative, **first)
 
 
-class _SheetFrames:
-  """Keeps, as the frames pass, the ones :func:`helios_jax.io.media.contact_sheet` would pick from the whole video
-  (``SHEET_FRAMES`` evenly spaced, first and last included)."""
-
-  def __init__(self, total: int):
-    self.wanted = set(np.round(np.linspace(0, total - 1, min(SHEET_FRAMES, total))).astype(int).tolist())
-    self.kept: dict[int, np.ndarray] = {}
-
-  def offer(self, first: int, frames: np.ndarray) -> None:
-    for i in self.wanted.intersection(range(first, first + len(frames))):
-      self.kept[i] = np.array(frames[i - first])
-
-  def frames(self) -> np.ndarray:
-    return np.stack([self.kept[i] for i in sorted(self.kept)])
-
-
-@dataclasses.dataclass
-class _VideoStats:
-  frames: int = 0
-  chunks: list = dataclasses.field(default_factory=list)  # seconds between chunks (the first: since the call)
-  first_chunk: float = 0.0
-  total: float = 0.0
-  size: tuple = (0, 0)
-
-
-def _duration(seconds: float) -> str:
-  """A duration for people: "7.5 s", "42 s", "4 min 05 s", "3 h 41 min"."""
-  if seconds < 9.95:
-    return f"{seconds:.1f} s"
-  if seconds < 59.5:
-    return f"{seconds:.0f} s"
-  whole = int(round(seconds))
-  if whole < 3600:
-    return f"{whole // 60} min {whole % 60:02d} s"
-  return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
-
-
-def _eta(chunk_seconds: Sequence[float], num_chunks: int) -> str:
-  """The time left after ``len(chunk_seconds)`` of ``num_chunks`` chunks, from the median time of the chunks after
-  the first (the first includes start-up and compilation; the median keeps out one-off stalls); "" at the end."""
-  left = num_chunks - len(chunk_seconds)
-  if left <= 0:
-    return ""
-  if len(chunk_seconds) < 2:
-    return "; ETA after the next chunk"
-  per_chunk = statistics.median(chunk_seconds[1:])
-  return f"; about {_duration(per_chunk * left)} left ({left} chunk{'s' if left != 1 else ''})"
-
-
-def _report_chunk(chunk, num_chunks: int, seconds: float, scheduled: bool, eta: str = "") -> None:
-  """One progress line per chunk: k/N, its frames, the ``seconds`` it took (the first: since the stream was asked
-  for), its frames/s and ``eta`` (:func:`_eta`); flushed, so a log file shows it at once."""
-  n = len(chunk.frames)
-  first = chunk.first_frame
-  if chunk.index == 0:
-    timing = f"first chunk after {seconds:.2f} s (prompt encoding, inputs and compilation included)"
-  else:
-    timing = f"{seconds:.2f} s, {n / seconds:.2f} frames/s"
-  prompt = ""
-  if scheduled and chunk.prompt.get("text"):
-    text = chunk.prompt["text"]
-    weight = chunk.prompt.get("weight", 1.0)
-    short = text[:48] + ("..." if len(text) > 48 else "")
-    prompt = f"; blending to {short!r}: {weight:.0%}" if weight < 1 else f"; prompt {short!r}"
-  print(f"chunk {chunk.index + 1}/{num_chunks}: frames {first}-{first + n - 1}, {timing}{prompt}{eta}", flush=True)
-
-
-def _encoding_line(call: dict) -> str | None:
-  """The start-up line before ``pipe.stream(**call)`` encodes the prompt(s) and start image / video; None when it
-  has nothing to encode."""
-  parts = []
-  schedule = call.get("prompt_schedule")
-  if schedule is not None and schedule.uses_text:
-    parts.append(f"the {len(schedule.prompts)} prompts" if len(schedule.prompts) > 1 else "the prompt")
-  elif call.get("prompt") is not None:
-    parts.append("the prompt")
-  if call.get("image") is not None:
-    parts.append("the start image")
-  if call.get("video") is not None:
-    parts.append("the start video")
-  return f"encoding {' and '.join(parts)} ..." if parts else None
-
-
-class _StepReporter:
-  """Prints, at most every ``every`` seconds, which denoising step the running stage has reached (for chunks that
-  take many seconds: on a CPU). Called from XLA's callback thread, hence only a flushed print."""
-
-  def __init__(self, every: float = 5.0):
-    self.every = every
-    self._last = time.perf_counter()
-
-  def __call__(self, step: int, num_steps: int) -> None:
-    now = time.perf_counter()
-    if now - self._last >= self.every and step + 1 < num_steps:
-      self._last = now
-      print(f"  ... denoising step {step + 1}/{num_steps}", flush=True)
-
-
-def _step_progress_wanted() -> bool:
-  """Per-step progress costs a host callback per step (a program of its own): only where chunks take seconds."""
-  import jax
-  return jax.default_backend() == "cpu"
-
-
 def _make_video(pipe, call: dict, job: Job, plan: ModelPlan, fps: int, on_chunk: ChunkHook | None,
                 compiles: bool = True) -> _VideoStats:
   """Streams one video into ``job.out`` (and its contact sheet), chunk by chunk; returns its statistics. Prints
@@ -665,22 +443,6 @@ def _make_video(pipe, call: dict, job: Job, plan: ModelPlan, fps: int, on_chunk:
     media.write_contact_sheet(job.sheet, sheet.frames(), num=SHEET_FRAMES)
   stats.total = time.perf_counter() - t_call
   return stats
-
-
-def _print_summary(job: Job, stats: _VideoStats, plan: ModelPlan, fps: int, load_s: float, text_s: float) -> None:
-  n = stats.frames
-  print(f"wrote {job.out}: {n} frames, {stats.size[0]}x{stats.size[1]}, {fps} fps ({n / fps:.1f} s of video)")
-  if job.sheet:
-    print(f"wrote {job.sheet}")
-  steady = ""
-  if len(stats.chunks) > 1:
-    mean_rest = sum(stats.chunks[1:]) / (len(stats.chunks) - 1)
-    steady = f"; after the first chunk {plan.window / mean_rest:.2f} frames/s ({mean_rest:.2f} s per chunk)"
-  print((f"timings: load {load_s:.1f} s, " if load_s else "timings: ")
-        + (f"text encoder {text_s:.1f} s, " if text_s else "")
-        + f"first chunk {stats.first_chunk:.2f} s, {len(stats.chunks)} chunk{'s' if len(stats.chunks) != 1 else ''}, "
-        f"generation and writing {stats.total:.1f} s")
-  print(f"speed: {n / stats.total:.2f} frames/s end to end (generation incl. compilation){steady}", flush=True)
 
 
 def _describe(args, plan: ModelPlan, job: Job, position: str) -> str:

@@ -1,0 +1,1 @@
+"""Command-line programs: :mod:`helios_jax.cli.sample` (``python sample.py`` / ``python -m helios_jax.cli.sample``)."""
