@@ -380,7 +380,14 @@ class HeliosTransformer3DModel(nnx.Module):
     in a Python loop instead of the stored stacked blocks (which are then not read). Inside a scan, XLA copies each
     layer's weight slice out of the stacked arrays before its matmuls (one extra read + write of all block
     weights per forward); separately stored layers avoid that copy, at the price of a larger program.
+
+    Unfused inference LoRAs (``pipe.load_lora_weights``) sit on the model as ``lora_adapters``
+    (:mod:`helios_jax.pipelines.lora`) and are applied here through the same ``block_adapter`` path, unless the
+    caller passes its own ``block_adapter`` (training).
     """
+    adapters = getattr(self, "lora_adapters", None)
+    if adapters is not None and block_adapter is None:
+      self, block_adapter = adapters.bind(self)  # pylint: disable=self-cls-assignment
     cfg = self.config
     dtype = cfg.param_dtype
     impl = resolve_implementation(cfg.attention_implementation, dtype)

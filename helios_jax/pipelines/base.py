@@ -21,6 +21,7 @@ from flax import nnx
 from helios_jax.errors import CheckpointError, InputError
 from helios_jax.io.checkpoint import load_json
 from helios_jax.pipelines.history import HistoryLayout
+from helios_jax.pipelines.lora import LoraMixin
 from helios_jax.pipelines.noise import JaxNoiseSource, draw
 
 logger = logging.getLogger("helios_jax")
@@ -110,7 +111,7 @@ class _ChunkRun:
   step_progress: Callable[[int, int], None] | None = None
 
 
-class HeliosPipelineBase:
+class HeliosPipelineBase(LoraMixin):
   """Shared machinery. Components mirror diffusers: ``transformer``, ``scheduler``, ``vae``, ``text_encoder``,
   ``tokenizer``; pipeline flags ``is_cfg_zero_star`` and ``is_distilled`` come from ``model_index.json``."""
 
