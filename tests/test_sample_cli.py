@@ -208,7 +208,7 @@ def test_existing_outputs_skipped_or_replaced(tmp_path, capsys, monkeypatch):
     (tmp_path / name).write_bytes(b"old")
   made = []
   monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: object())
-  monkeypatch.setattr(sample, "_make_video", lambda pipe, call, job, *a: made.append((job.out, call["seed"]))
+  monkeypatch.setattr(sample, "_make_video", lambda pipe, call, job, *a, **k: made.append((job.out, call["seed"]))
                       or sample._VideoStats(frames=1, chunks=[1.0], total=1.0))
   argv = [*SMALL, "--prompt-file", str(prompts), "--out", str(tmp_path / "v.mp4")]
   assert sample.main(argv) == 0
@@ -370,7 +370,7 @@ def _no_generation(monkeypatch, calls=None):
   """load_pipeline and _make_video replaced: records each video's pipeline call, generates nothing."""
   monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: object())
 
-  def fake(pipe, call, job, *a):
+  def fake(pipe, call, job, *a, **k):
     if calls is not None:
       calls.append(call)
     return sample._VideoStats(frames=1, chunks=[1.0], total=1.0, size=(64, 64))

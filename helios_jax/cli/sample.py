@@ -176,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
                  help="JAX's persistent compilation cache: a later run with the same shapes skips most compilation "
                       "(default: $HELIOS_JAX_COMPILE_CACHE, else $JAX_COMPILATION_CACHE_DIR when set, else "
                       f"{default_cache_dir()}; 'none' turns it off)")
+  p.add_argument("--offload", action="store_true",
+                 help="low-VRAM mode: the transformer blocks' weights stay in pinned host memory and each layer is "
+                      "brought to the device inside the forward one layer ahead of its use, overlapped with compute "
+                      "(the official --enable_low_vram_mode; same frames, docs/sample.md); with --free-text-encoder "
+                      "the text encoder is also gone before sampling; not with --mesh")
+  p.add_argument("--crf", type=int, default=18,
+                 help="H.264 quality of the mp4: 0 lossless .. 51 worst (18: visually near lossless)")
+  p.add_argument("--frames-dir", metavar="DIR",
+                 help="also write every frame as a PNG, DIR/<--out stem>/00000.png, 00001.png, ... as it is made")
   p.add_argument("--free-text-encoder", action="store_true",
                  help="encode the prompts first, then free the text encoder (UMT5-XXL, ~11 GB) before loading "
                       "the transformer")
@@ -237,6 +246,10 @@ def _check_arguments(args) -> None:
     raise UsageError(f"--out must name an .mp4 file, got {args.out}")
   if args.fps < 1:
     raise UsageError(f"--fps must be positive, got {args.fps}")
+  if args.offload and args.mesh:
+    raise UsageError("--offload is a one-device option; leave it out with --mesh")
+  if not 0 <= args.crf <= 51:  # libx264's CRF range
+    raise UsageError(f"--crf must be between 0 and 51, got {args.crf}")
   if args.unstack_layers and args.mesh:
     raise UsageError("--unstack-layers is a one-device option; leave it out with --mesh")
   if args.contact_sheet and not args.contact_sheet.lower().endswith(".png"):
@@ -408,7 +421,7 @@ class _PromptArguments:
 
 
 def _make_video(pipe, call: dict, job: Job, plan: ModelPlan, fps: int, on_chunk: ChunkHook | None,
-                compiles: bool = True) -> _VideoStats:
+                compiles: bool = True, crf: int = 18, frames_dir: str | None = None) -> _VideoStats:
   """Streams one video into ``job.out`` (and its contact sheet), chunk by chunk; returns its statistics. Prints
   (flushed) a line as it encodes the inputs, one as the first chunk starts (``compiles``: it compiles the
   programs), and one per chunk with the time left."""
@@ -438,7 +451,12 @@ def _make_video(pipe, call: dict, job: Job, plan: ModelPlan, fps: int, on_chunk:
         stats.frames += len(chunk.frames)
         yield from chunk.frames
 
-    media.write_video(job.out, frames(), fps=fps)
+    def with_pngs(source: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+      for i, frame in enumerate(source):
+        media.write_png_frame(os.path.join(frames_dir, f"{i:05d}.png"), frame)
+        yield frame
+
+    media.write_video(job.out, with_pngs(frames()) if frames_dir else frames(), fps=fps, crf=crf)
   if sheet is not None:
     media.write_contact_sheet(job.sheet, sheet.frames(), num=SHEET_FRAMES)
   stats.total = time.perf_counter() - t_call
@@ -518,6 +536,11 @@ def _run(argv: Sequence[str] | None, on_chunk: ChunkHook | None = None) -> int:
                        quantization=args.quantization)
   if args.unstack_layers:
     pipe.unstack_transformer_layers()
+  if args.offload:
+    kind = pipe.offload_transformer_layers()
+    print(f"low-VRAM mode: the transformer blocks' weights are in {kind} memory, brought to the device layer by "
+          "layer" if kind else "low-VRAM mode: this backend has no host memory space, so the weights stay on the "
+          "device (same frames, no memory saved)", flush=True)
   load_s = time.perf_counter() - t0
 
   base = dict(image=inputs.get("image"), video=inputs.get("video"), max_sequence_length=MAX_SEQUENCE_LENGTH,
@@ -537,7 +560,11 @@ def _run(argv: Sequence[str] | None, on_chunk: ChunkHook | None = None) -> int:
       print(_describe(args, plan, job, f"[{i + 1}/{len(jobs)}] " if len(jobs) > 1 else ""), flush=True)
       print(_length_line(args, plan, job), flush=True)
       try:
-        stats = _make_video(pipe, call, job, plan, args.fps, on_chunk, i == 0)
+        frames_dir = None
+        if args.frames_dir:
+          frames_dir = os.path.join(args.frames_dir, os.path.splitext(os.path.basename(job.out))[0])
+          os.makedirs(frames_dir, exist_ok=True)
+        stats = _make_video(pipe, call, job, plan, args.fps, on_chunk, i == 0, crf=args.crf, frames_dir=frames_dir)
       except KeyboardInterrupt:
         kept = f"; the {done} finished video{'s' if done != 1 else ''} before it {'are' if done != 1 else 'is'} kept"
         raise KeyboardInterrupt(f"interrupted; {job.out} was not written" + (kept if done else "")) from None

@@ -594,6 +594,18 @@ def write_contact_sheet(path: str | os.PathLike, frames, num: int = 8, columns: 
   return path
 
 
+def write_png_frame(path: str | os.PathLike, frame) -> str:
+  """Writes one frame (H, W, 3), float in [0, 1] or uint8, as a PNG (atomically); returns the absolute path."""
+  PIL = _pil()
+  path = os.path.abspath(os.fspath(path))
+  arr = np.asarray(frame)
+  if arr.ndim != 3 or arr.shape[-1] != 3:
+    raise InputError(f"a frame must have shape (H, W, 3), got {arr.shape}")
+  with _atomic_output(path, ".png", "frame") as tmp:
+    PIL.Image.fromarray(to_uint8(arr)).save(tmp, format="PNG")
+  return path
+
+
 def video_info(path: str | os.PathLike) -> dict[str, Any]:
   """Frame count, size, fps and codec of a video file (decodes it to count frames exactly)."""
   import av
