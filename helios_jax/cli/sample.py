@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "brought to the device inside the forward one layer ahead of its use, overlapped with compute "
                       "(the official --enable_low_vram_mode; same frames, docs/sample.md); with --free-text-encoder "
                       "the text encoder is also gone before sampling; not with --mesh")
+  p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                 help="a LoRA adapter (file or folder; helios_jax.pipelines.lora) applied with weight SCALE "
+                      "(default 1); repeat for several, all active together")
   p.add_argument("--crf", type=int, default=18,
                  help="H.264 quality of the mp4: 0 lossless .. 51 worst (18: visually near lossless)")
   p.add_argument("--frames-dir", metavar="DIR",
@@ -248,6 +251,11 @@ def _check_arguments(args) -> None:
     raise UsageError(f"--fps must be positive, got {args.fps}")
   if args.offload and args.mesh:
     raise UsageError("--offload is a one-device option; leave it out with --mesh")
+  from helios_jax.pipelines.lora import parse_lora_arg
+  args.lora = [parse_lora_arg(text) for text in args.lora]  # (path, scale) pairs; a bad one is an InputError
+  for path, _ in args.lora:
+    if not os.path.exists(path):
+      raise InputError(f"LoRA not found: {path}")
   if not 0 <= args.crf <= 51:  # libx264's CRF range
     raise UsageError(f"--crf must be between 0 and 51, got {args.crf}")
   if args.unstack_layers and args.mesh:
@@ -534,6 +542,9 @@ def _run(argv: Sequence[str] | None, on_chunk: ChunkHook | None = None) -> int:
   print(f"loading the model from {_show(args.model)} ...", flush=True)
   pipe = load_pipeline(args.model, plan, load_text_encoder=prompt_args.load_text_encoder,
                        quantization=args.quantization)
+  for path, scale in args.lora:
+    name = pipe.load_lora_weights(path, scale=scale)
+    print(f"LoRA {name}: {_show(path)} at scale {scale:g}", flush=True)
   if args.unstack_layers:
     pipe.unstack_transformer_layers()
   if args.offload:
