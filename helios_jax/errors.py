@@ -22,3 +22,7 @@ class InputError(HeliosError, ValueError):
 
 class DiskFullError(HeliosError, OSError):
   """A write failed because the disk (or quota) is full; the message names the path and the free space."""
+
+
+class RuntimeSetupError(HeliosError, RuntimeError):
+  """A process setting was asked for too late (e.g. XLA flags after JAX started its backends)."""

@@ -250,3 +250,111 @@ def save_safetensors_folder(folder: str, tensors: dict[str, np.ndarray], config:
 
 def iter_prefixed(keys: Iterable[str], prefix: str) -> list[str]:
   return [k for k in keys if k.startswith(prefix)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Writers for save_pretrained (streaming, one shard in host memory at a time)
+# ------------------------------------------------------------------------------------------------------------
+
+# The default shard sizes of the two libraries' save_pretrained (diffusers' ModelMixin, transformers'
+# PreTrainedModel), in decimal units as both parse them.
+DIFFUSERS_MAX_SHARD_SIZE = "10GB"
+TRANSFORMERS_MAX_SHARD_SIZE = "5GB"
+_SIZE_UNITS = {"KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+               "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40, "B": 1}
+
+
+def parse_shard_size(size) -> int:
+  """``max_shard_size`` as bytes: an int, or a string such as ``"10GB"``, ``"500MB"``, ``"2GiB"``.
+
+  Raises:
+    InputError: not a positive size.
+  """
+  from helios_jax.errors import InputError  # pylint: disable=import-outside-toplevel
+  if isinstance(size, bool):
+    raise InputError(f"max_shard_size must be a number of bytes or a string like '10GB', got {size!r}")
+  if isinstance(size, (int, np.integer)):
+    if size <= 0:
+      raise InputError(f"max_shard_size must be positive, got {size}")
+    return int(size)
+  if isinstance(size, str):
+    text = size.strip().upper().replace(" ", "")
+    for unit in sorted(_SIZE_UNITS, key=len, reverse=True):
+      if text.endswith(unit) and text[:-len(unit)]:
+        try:
+          value = float(text[:-len(unit)])
+        except ValueError:
+          break
+        if value > 0:
+          return int(value * _SIZE_UNITS[unit])
+        break
+  raise InputError(f"max_shard_size must be a positive number of bytes or a string like '10GB', got {size!r}")
+
+
+class TensorEntry:
+  """One tensor to write: its name, (torch-layout) shape, numpy dtype and a function that produces it.
+
+  ``load()`` is called once, when the tensor's shard is written, so a writer never holds more than one shard.
+  """
+
+  def __init__(self, key: str, shape: tuple[int, ...], dtype, load):
+    self.key, self.shape, self.dtype, self.load = key, tuple(int(s) for s in shape), np.dtype(dtype), load
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def write_weights_folder(folder: str, entries: list[TensorEntry], config: dict | None,
+                         weights_name: str = DIFFUSERS_WEIGHTS_NAME, max_shard_size=DIFFUSERS_MAX_SHARD_SIZE,
+                         metadata: dict | None = None) -> list[str]:
+  """Writes a component folder the way diffusers' / transformers' ``save_pretrained`` lays it out.
+
+  One ``{weights_name}.safetensors`` when the tensors fit in ``max_shard_size``; otherwise
+  ``{weights_name}-0000k-of-0000N.safetensors`` shards (tensors kept whole, in order, a new shard when the next
+  tensor would pass the limit) plus ``{weights_name}.safetensors.index.json``. Weight files of an earlier save
+  with the same stem are removed first (a stale index would otherwise win over a new single file).
+
+  Returns:
+    The weight file names written.
+  """
+  limit = parse_shard_size(max_shard_size)
+  os.makedirs(folder, exist_ok=True)
+  for name in os.listdir(folder):
+    if name.startswith(weights_name) and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json")):
+      os.remove(os.path.join(folder, name))
+  if config is not None:
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+  meta = {"format": "pt", **(metadata or {})}
+  shards: list[list[TensorEntry]] = [[]]
+  size = 0
+  for e in entries:
+    if shards[-1] and size + e.nbytes > limit:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += e.nbytes
+  n = len(shards)
+  names = ([f"{weights_name}.safetensors"] if n == 1 else
+           [f"{weights_name}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+  for fname, shard in zip(names, shards):
+    tensors = {}
+    for e in shard:
+      arr = np.ascontiguousarray(e.load())
+      if arr.shape != e.shape or arr.dtype != e.dtype:
+        raise AssertionError(f"{e.key}: produced {arr.shape} {arr.dtype}, planned {e.shape} {e.dtype}")
+      tensors[e.key] = arr
+    save_file(tensors, os.path.join(folder, fname), metadata=meta)
+    del tensors
+  if n > 1:
+    index = {"metadata": {"total_size": int(sum(e.nbytes for e in entries))},
+             "weight_map": {e.key: fname for fname, shard in zip(names, shards) for e in shard}}
+    with open(os.path.join(folder, f"{weights_name}.safetensors.index.json"), "w", encoding="utf-8") as f:
+      json.dump(index, f, indent=2, sort_keys=True)
+  return names
+
+
+def entries_from_arrays(tensors: dict[str, np.ndarray]) -> list[TensorEntry]:
+  """:class:`TensorEntry` list over arrays already in host memory (small models)."""
+  return [TensorEntry(k, v.shape, v.dtype, (lambda v=v: v)) for k, v in tensors.items()]

@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from helios_jax.errors import CheckpointError
-from helios_jax.io.checkpoint import DIFFUSERS_WEIGHTS_NAME, SafetensorsFolder, load_config
+from helios_jax.errors import CheckpointError, InputError
+from helios_jax.io.checkpoint import (DIFFUSERS_MAX_SHARD_SIZE, DIFFUSERS_WEIGHTS_NAME, SafetensorsFolder, TensorEntry,
+                                      load_config, write_weights_folder)
 
 # Checkpoint keys renamed before matching (longest prefixes first).
 _PREFIX_ALIASES = (
@@ -157,11 +158,13 @@ def _parse_dtype(dtype) -> str:
 
 
 def load_transformer(cls, path: str, dtype=jnp.float32, progress: bool = False, **runtime):
-  """Builds ``cls`` (HeliosTransformer3DModel) from a diffusers-format folder, streaming tensor by tensor."""
-  from helios_jax.models.transformer import HeliosTransformerConfig
+  """Builds ``cls`` (HeliosTransformer3DModel) from a diffusers-format folder, streaming tensor by tensor.
 
+  The config class comes from ``cls.config_class``, so this module never imports the model (the model's
+  ``from_pretrained`` calls in here, one way).
+  """
   folder = resolve_transformer_folder(path)
-  cfg = HeliosTransformerConfig.from_dict(load_config(folder), dtype=_parse_dtype(dtype), **runtime)
+  cfg = cls.config_class.from_dict(load_config(folder), dtype=_parse_dtype(dtype), **runtime)
   reader = SafetensorsFolder(folder, DIFFUSERS_WEIGHTS_NAME)
   try:
     abstract = cls.abstract(cfg)
@@ -229,3 +232,36 @@ def to_diffusers_state_dict(model, dtype: Callable | None = None) -> dict[str, n
       w = r.to_torch(arr[i] if r.stacked else arr)
       out[r.key(i)] = np.ascontiguousarray(w if dtype is None else w.astype(dtype))
   return out
+
+
+def diffusers_entries(model, dtype: Callable | None = None) -> list[TensorEntry]:
+  """The tensors :func:`to_diffusers_state_dict` gives, as lazily produced :class:`TensorEntry` s (one layer of
+  one stacked parameter copied to the host at a time), in the same order.
+
+  Raises:
+    InputError: the model's blocks are FP8-quantised (no diffusers layout holds them).
+  """
+  cfg = model.config
+  _, state = nnx.split(model)
+  leaves, _, rules = _rules(state, cfg)
+  entries = []
+  for leaf, r in zip(leaves, rules):
+    if r.names[-1] == "kernel_scale" or jnp.dtype(leaf.dtype).itemsize == 1:
+      raise InputError("an FP8-quantised transformer cannot be saved in the diffusers layout: save it before "
+                       "quantize_blocks / from_pretrained(quantization='fp8')")
+    target = np.dtype(leaf.dtype if dtype is None else dtype)
+    for i in (range(cfg.num_layers) if r.stacked else [None]):
+      def load(leaf=leaf, r=r, i=i):
+        arr = np.asarray(jax.device_get(leaf[i] if r.stacked else leaf))
+        return r.to_torch(arr).astype(target)
+      entries.append(TensorEntry(r.key(i), r.torch_shape(), target, load))
+  return entries
+
+
+def save_transformer(model, folder: str, dtype: Callable | None = None,
+                     max_shard_size=DIFFUSERS_MAX_SHARD_SIZE) -> list[str]:
+  """Writes ``model`` as a diffusers ``HeliosTransformer3DModel`` folder (``config.json`` + safetensors, sharded
+  with an index past ``max_shard_size``); ``dtype`` casts every tensor (default: each parameter's own dtype, so a
+  bf16 model keeps its float32 islands). Returns the weight file names."""
+  return write_weights_folder(folder, diffusers_entries(model, dtype), model.config.to_dict(),
+                              DIFFUSERS_WEIGHTS_NAME, max_shard_size)

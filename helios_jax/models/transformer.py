@@ -268,6 +268,8 @@ class HeliosTransformer3DModel(nnx.Module):
   Call with diffusers' keyword names on numpy or JAX arrays in diffusers' layout; see :meth:`__call__`.
   """
 
+  config_class = HeliosTransformerConfig
+
   def __init__(self, config: HeliosTransformerConfig, *, rngs: nnx.Rngs):
     self.config = config
     cfg, dim, pd, prec = config, config.inner_dim, config.param_dtype, config.precision
@@ -308,7 +310,7 @@ class HeliosTransformer3DModel(nnx.Module):
     """
     if quantization not in (None, "none", "fp8"):
       raise InputError(f"quantization must be None, 'none' or 'fp8', got {quantization!r}")
-    from helios_jax.io import transformer_weights  # local import: io depends on this module
+    from helios_jax.io import transformer_weights  # pylint: disable=import-outside-toplevel  # loading is io's
     model = transformer_weights.load_transformer(cls, path, dtype=dtype,
                                                  attention_implementation=attention_implementation,
                                                  remat_policy=remat_policy, precision=precision,
@@ -317,6 +319,18 @@ class HeliosTransformer3DModel(nnx.Module):
       from helios_jax.models.fp8 import quantize_blocks
       quantize_blocks(model, fp8_scaling)
     return model
+
+  def save_pretrained(self, folder: str, dtype: Any = None, max_shard_size: int | str = "10GB") -> list[str]:
+    """Writes the diffusers folder layout ``HeliosTransformer3DModel.from_pretrained`` (ours and diffusers') reads:
+    ``config.json`` and ``diffusion_pytorch_model.safetensors``, or shards + index once the tensors pass
+    ``max_shard_size`` (bytes or e.g. ``"10GB"``, diffusers' default). ``dtype`` casts every tensor (default: each
+    parameter's own dtype). Host memory peaks at one shard. Returns the weight file names.
+
+    Raises:
+      InputError: the model is FP8-quantised, or ``max_shard_size`` is not a size.
+    """
+    from helios_jax.io import transformer_weights  # pylint: disable=import-outside-toplevel  # writing is io's
+    return transformer_weights.save_transformer(self, folder, dtype=dtype, max_shard_size=max_shard_size)
 
   @classmethod
   def abstract(cls, config: HeliosTransformerConfig) -> "HeliosTransformer3DModel":

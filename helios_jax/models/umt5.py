@@ -83,6 +83,13 @@ class UMT5Config:
       if int(getattr(self, name)) < 1:
         raise InputError(f"UMT5 config: {name} must be positive, got {getattr(self, name)}")
 
+  def to_dict(self) -> dict[str, Any]:
+    """The transformers ``config.json`` keys this encoder needs (``UMT5EncoderModel``, ``model_type`` umt5)."""
+    out = {"architectures": ["UMT5EncoderModel"], "model_type": "umt5", "dense_act_fn": self.dense_act_fn,
+           "is_gated_act": self.is_gated_act}
+    out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+    return out
+
   @classmethod
   def from_dict(cls, config: dict) -> "UMT5Config":
     """Builds the config from a transformers ``config.json`` dict (unknown keys are ignored)."""
@@ -318,6 +325,15 @@ class UMT5EncoderModel(nnx.Module):
       raise AssertionError(f"weight tree mismatch: expected {expected}, got {got}")
     state.replace_by_pure_dict(jax.tree_util.tree_map(jnp.asarray, arrays))
     return nnx.merge(graphdef, state)
+
+  def save_pretrained(self, folder: str, dtype: Any = None, max_shard_size: int | str = "5GB") -> list[str]:
+    """Writes a transformers ``UMT5EncoderModel`` folder (``config.json`` + ``model.safetensors``, or shards +
+    ``model.safetensors.index.json`` past ``max_shard_size``, transformers' default 5GB). ``config.json`` holds
+    the encoder's fields (:meth:`UMT5Config.to_dict`; keys of a loaded config that the encoder does not use are
+    not kept). ``dtype`` casts every tensor (default: the parameter dtype). Returns the weight file names."""
+    from helios_jax.io.checkpoint import entries_from_arrays, write_weights_folder  # pylint: disable=import-outside-toplevel
+    return write_weights_folder(folder, entries_from_arrays(self.state_dict(dtype)), self.config.to_dict(),
+                                TRANSFORMERS_WEIGHTS_NAME, max_shard_size)
 
 
 @nnx.jit

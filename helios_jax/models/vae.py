@@ -295,6 +295,14 @@ class AutoencoderKLWan(nnx.Module):
                                                                                                   value.dtype))
     return out
 
+  def save_pretrained(self, folder: str, dtype=None, max_shard_size: int | str = "10GB") -> list[str]:
+    """Writes a diffusers ``vae/`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, or shards +
+    index past ``max_shard_size``) that :meth:`from_pretrained` and diffusers' ``AutoencoderKLWan`` load.
+    ``dtype`` casts every tensor (default: the parameter dtype). Returns the weight file names."""
+    from helios_jax.io.checkpoint import entries_from_arrays, write_weights_folder  # pylint: disable=import-outside-toplevel
+    return write_weights_folder(folder, entries_from_arrays(self.state_dict(dtype)), self.config.to_dict(),
+                                DIFFUSERS_WEIGHTS_NAME, max_shard_size)
+
   # -- channels-last cores ----------------------------------------------------------------------------------
 
   def _check_video(self, video) -> jax.Array:

@@ -50,6 +50,14 @@ class WanVAEConfig:
     cfg.validate()
     return cfg
 
+  def to_dict(self) -> dict[str, Any]:
+    """The ``config.json`` dict diffusers' ``AutoencoderKLWan`` reads (tuples as lists)."""
+    out = {"_class_name": "AutoencoderKLWan", "_diffusers_version": "0.42.1"}
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
   def validate(self) -> None:
     if self.is_residual:
       raise CheckpointError("VAE config has is_residual=True (Wan2.2 VAE); only the Wan2.1 VAE is supported")

@@ -4,13 +4,15 @@ from JSON) and the eager :class:`SchedulerOutput`."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
 from helios_jax.errors import CheckpointError, InputError
-from helios_jax.schedulers.config import PyramidSchedulerConfig, read_scheduler_config
+from helios_jax.schedulers.config import SCHEDULER_CONFIG_NAME, PyramidSchedulerConfig, read_scheduler_config
 from helios_jax.schedulers.pyramid import build_stage_geometry
 from helios_jax.schedulers.shift import calculate_shift, time_shift
 from helios_jax.schedulers.tables import SchedulerTables
@@ -57,6 +59,16 @@ class PyramidScheduler:
       return cls.from_config(raw)
     except InputError as e:
       raise CheckpointError(f"bad scheduler config in {folder}: {e}") from None
+
+  def save_pretrained(self, folder: str) -> str:
+    """Writes ``folder/scheduler_config.json`` (the config's fields and kept keys, ``_class_name`` = this class)
+    that :meth:`from_pretrained` and diffusers read. Returns the file's path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, SCHEDULER_CONFIG_NAME)
+    config = {"_diffusers_version": "0.42.1", **self.config.to_dict(), "_class_name": type(self).__name__}
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+    return path
 
   # -- geometry accessors (names as in diffusers) --
   @property
