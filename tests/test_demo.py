@@ -327,7 +327,8 @@ def test_train_demo_quick_chain(tmp_path):
     out2 = tmp_path / f"out_{expect}"
     run = subprocess.run([sys.executable, "-m", "recipes.demo.train_demo", "--out", str(out2),
                           "--quick", "--work", str(tmp_path / "work"), "--stages", "mid", "--continue-mid",
-                          "--reuse", str(reuse), "--clips", "4"], check=True, env=env, cwd=ROOT, capture_output=True, text=True)
+                          "--reuse", str(reuse), "--clips", "4"], check=True, env=env, cwd=ROOT, capture_output=True,
+                         text=True)
     assert (out2 / "transformer_mid.tar.gz").exists() == expect, run.stdout
     if not expect:
       assert "--continue mid needs a mid pipeline folder" in run.stdout

@@ -23,8 +23,8 @@ prompt, a FeaturesDict of fixed-shape ``Tensor`` features with those keys, array
     :func:`convert_pairs` (``python -m helios_jax.training.ode --convert <npz folder>``).
 Both read the same float32 arrays in the same order (sorted file names), so the batches and the loss are identical.
 
-Training (spec 7.4, the trainer is :mod:`helios_jax.training.trainers.ode`): per step pick ``sections_per_step`` sorted sections; for each and each stage a random
-recorded latent z_j at t_j; loss ``weight * mean_terms 0.5 mean((z_j - s_j G(z_j, t_j) - end)^2)`` with the history
+Training (spec 7.4; the trainer is :mod:`helios_jax.training.trainers.ode`): per step pick ``sections_per_step``
+sorted sections; for each and each stage a random recorded latent z_j at t_j; loss ``weight * mean_terms 0.5 mean((z_j - s_j G(z_j, t_j) - end)^2)`` with the history
 built from the teacher's final chunks (anchor = first latent of chunk 0). No corruption, no drops.
 
 Mesh (``config.mesh``): the frozen base, trainables, optimiser state and EMA are split by the FSDP rule and the

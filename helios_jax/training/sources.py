@@ -35,8 +35,9 @@ def load_factory(path: str):
   """The object named by ``"package.module:attribute"``; a bad path is one :class:`InputError`."""
   module_name, _, attr = path.partition(":")
   if not module_name or not attr:
-    raise InputError(f"data.source {path!r} is not {', '.join(map(repr, BUILT_IN))}, a registered name "
-                     f"({', '.join(map(repr, sorted(_REGISTRY))) or 'none'}) or an import path 'package.module:factory'")
+    names = ", ".join(map(repr, sorted(_REGISTRY))) or "none"
+    raise InputError(f"data.source {path!r} is not {', '.join(map(repr, BUILT_IN))}, a registered name ({names}) "
+                     "or an import path 'package.module:factory'")
   try:
     module = importlib.import_module(module_name)
   except ImportError as e:

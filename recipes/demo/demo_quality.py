@@ -1,9 +1,9 @@
-#!/usr/bin/env python
 """Quality of the demo models on held-out procedural scenes, where the ground truth is known exactly.
 
     python -m recipes.demo.demo_quality --model distilled=PATH:1,1,1 --model base=PATH:50 \
         --model base_nocorrupt=PATH:50 --clips 8 --chunks 10 --out results.json
-    python -m recipes.demo.demo_quality --model mid=PATH:10,10,10 --model mid_cfg3=PATH:10,10,10@3 --compare mid_cfg3:mid
+    python -m recipes.demo.demo_quality --model mid=PATH:10,10,10 --model mid_cfg3=PATH:10,10,10@3 \
+        --compare mid_cfg3:mid
 
 For each model and each held-out clip (scene stream ``--seed``, never used in training) the model continues the
 clip's first frame (I2V) with the clip's caption for ``--chunks`` chunks of 33 frames; with ``--condition video``

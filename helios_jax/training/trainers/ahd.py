@@ -274,7 +274,8 @@ def train_step(ph: Phases, trunks: Trunks, state: dict, batch: dict, negative, s
 
 
 def train(config, workdir: str, progress: bool = True) -> dict:
-  """Runs (or resumes) the DMD loop in ``workdir`` (same contract as :func:`helios_jax.training.trainers.base.train`)."""
+  """Runs (or resumes) the DMD loop in ``workdir`` (same contract as
+  :func:`helios_jax.training.trainers.base.train`)."""
   layout = TrainLayout.from_config(config)  # config.mesh; one device when absent
   graphdef, trunks = build_trunks(config, layout)
   model_config = nnx.merge(graphdef, trunks.gen).config
