@@ -251,7 +251,7 @@ def diffusers_entries(model, dtype: Callable | None = None) -> list[TensorEntry]
                        "quantize_blocks / from_pretrained(quantization='fp8')")
     target = np.dtype(leaf.dtype if dtype is None else dtype)
     for i in (range(cfg.num_layers) if r.stacked else [None]):
-      def load(leaf=leaf, r=r, i=i):
+      def load(leaf=leaf, r=r, i=i, target=target):
         arr = np.asarray(jax.device_get(leaf[i] if r.stacked else leaf))
         return r.to_torch(arr).astype(target)
       entries.append(TensorEntry(r.key(i), r.torch_shape(), target, load))
