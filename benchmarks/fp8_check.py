@@ -53,9 +53,14 @@ def main():
   p.add_argument("--no-tensor", action="store_true",
                  help="skip the per-tensor variant (on random bf16 weights its scales equal the per-channel ones: "
                       "each column's largest |w| is the same bf16 number below the init's truncation bound)")
-  p.add_argument("--variants", nargs="+", metavar="SCALING:GEMM_OUTPUT",
-                 help="instead of steps 1-3: for each variant (e.g. channel:compute tensor:compute) a fresh copy of "
-                      "the weights quantised so, its forward error against bf16, forward time and FPS")
+  p.add_argument("--variants", nargs="+", metavar="SCALING[:GEMM_OUTPUT[:ATTENTION[:unstack]]]",
+                 help="instead of steps 1-3: for each variant (e.g. bf16, tensor:compute, channel:compute:fp8, "
+                      "channel:compute:bf16:unstack; 'bf16' = not quantised) a fresh copy of the weights so set up: "
+                      "its forward and 3-chunk latents error against bf16, forward time and FPS")
+  p.add_argument("--attention-probe", action="store_true",
+                 help="with --variants: first time cuDNN's bf16 and FP8 attention alone at the full stage's shape "
+                      "and compare their outputs")
+  p.add_argument("--tag", default="", help="suffix of the --variants record's file name")
   p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
   a = p.parse_args()
   os.makedirs(a.out, exist_ok=True)
@@ -80,7 +85,11 @@ def main():
 
   def forward(pipe):
     graphdef, params = pipe._transformer_split()
-    fwd = jax.jit(lambda p_, x_, t_: nnx.merge(graphdef, p_).forward(x_, t_, emb, **idx, **hist))
+    def run(p_, x_, t_):
+      p_, layer_states = p_ if isinstance(p_, tuple) else (p_, None)  # (state, per-layer states) once unstacked
+      return nnx.merge(graphdef, p_).forward(x_, t_, emb, **idx, **hist, layer_states=layer_states)
+
+    fwd = jax.jit(run)
     out = fwd(params, x, t)
     jax.block_until_ready(out)
     hlo = fwd.lower(params, x, t).compile().as_text()
@@ -94,6 +103,29 @@ def main():
                pyramid_num_inference_steps_list=(2, 2, 2), is_amplify_first_chunk=True, output_type="latent",
                progress=False, seed=7)
     return np.asarray(out.frames, np.float32)
+
+  def attention_probe():
+    from helios_jax.models.attention import dot_product_attention
+    # the full stage's tokens: 9 noisy frames of (h/2)(w/2) patches + the compressed history (2400 at 384x640)
+    length = 9 * (h // 2) * (w // 2) + 2400 * h * w // (48 * 80)
+    keys = jax.random.split(jax.random.key(11), 3)
+    q, k, v = (jax.random.normal(kk, (1, length, cfg.num_attention_heads, cfg.attention_head_dim), jnp.bfloat16)
+               for kk in keys)
+    res = dict(tokens=length)
+    outs = {}
+    for impl in ("xla", "cudnn", "cudnn_fp8"):
+      try:
+        f = jax.jit(lambda q_, k_, v_, impl=impl: dot_product_attention(q_, k_, v_, impl))
+        outs[impl] = np.asarray(f(q, k, v).astype(jnp.float32))
+        t0 = time.perf_counter()
+        for _ in range(10):
+          jax.block_until_ready(f(q, k, v))
+        res[f"{impl}_ms"] = round((time.perf_counter() - t0) / 10 * 1e3, 3)
+        res[f"{impl}_rel_err_vs_xla"] = rel_err(outs[impl], outs["xla"])
+      except Exception as e:  # noqa: BLE001
+        res[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:1500]}"
+    print("attention probe:", res, flush=True)
+    return res
 
   def fps(pipe):
     res = {}
@@ -111,24 +143,44 @@ def main():
   rec = {"impl": "helios_jax", "device": dev.device_kind, "layers": a.layers, "height": a.height, "width": a.width,
          "jax": jax.__version__, "date": datetime.date.today().isoformat()}
   if a.variants:
-    pipe = make_pipe()
-    ref_fwd, _, rec["forward_bf16_s"] = forward(pipe)
+    out_path = os.path.join(a.out, f"fp8_variants_{a.layers}l{a.tag}.json")
+
+    def save():
+      rec["peak_gib"] = round(peak_gib(), 1)
+      with open(out_path, "w") as f:  # after every variant: a time-out still leaves what was measured
+        json.dump(rec, f, indent=1)
+
+    if a.attention_probe:
+      rec["attention_probe"] = attention_probe()
+      save()
+    pipe, ref_fwd, ref_lat = None, None, None
     for variant in a.variants:
-      scaling, _, gemm_output = variant.partition(":")
-      if variant != a.variants[0]:
-        del pipe
-        pipe = make_pipe()
-      pipe.quantize_transformer(scaling, gemm_output or "float32")
-      out, hlo, fwd_s = forward(pipe)
-      rec[variant] = dict(forward_s=fwd_s, forward_rel_err=rel_err(out, ref_fwd),
-                          cublaslt_fp8_gemms=len(re.findall(r'custom_call_target="__cublas\$lt\$matmul\$f8', hlo)))
-      if not a.no_fps:
-        rec[variant]["fps"] = fps(pipe)
-      print(variant, rec[variant], flush=True)
-    rec["peak_gib"] = round(peak_gib(), 1)
+      scaling, gemm_output, attention, layers = (variant.split(":") + ["", "", "", ""])[:4]
+      del pipe
+      pipe = make_pipe()
+      if ref_fwd is None:  # the bf16 reference of every variant's errors
+        ref_fwd, _, rec["forward_bf16_s"] = forward(pipe)
+        ref_lat = latents(pipe)
+      entry = rec.setdefault(variant, {})
+      try:
+        if scaling != "bf16":
+          pipe.quantize_transformer(scaling, gemm_output or "float32", attention or "bf16")
+        if layers == "unstack":
+          pipe.unstack_transformer_layers()
+        out, hlo, fwd_s = forward(pipe)
+        entry.update(forward_s=fwd_s, forward_rel_err=rel_err(out, ref_fwd),
+                     latents_3chunks_rel_err=rel_err(latents(pipe), ref_lat),
+                     cublaslt_fp8_gemms=len(re.findall(r'custom_call_target="__cublas\$lt\$matmul\$f8', hlo)),
+                     cudnn_fp8_attention_calls=len(re.findall(r'custom_call_target="__cudnn\$fmha[^"]*[Ff]8', hlo)))
+        print(variant, entry, flush=True)
+        save()
+        if not a.no_fps:
+          entry["fps"] = fps(pipe)
+      except Exception as e:  # noqa: BLE001  (a variant the stack cannot run is recorded, the others go on)
+        entry["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+      print(variant, entry, flush=True)
+      save()
     print(json.dumps(rec), flush=True)
-    with open(os.path.join(a.out, f"fp8_variants_{a.layers}l.json"), "w") as f:
-      json.dump(rec, f, indent=1)
     return
   pipe = make_pipe()
   ref_fwd, hlo_bf16, rec["forward_bf16_s"] = forward(pipe)

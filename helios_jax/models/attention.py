@@ -6,6 +6,12 @@
   in float32, so it is the parity path on CPU.
 * ``"cudnn"``: cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU, bf16/fp16 only).
 * ``None`` / ``"auto"``: cuDNN when running on a GPU with a 16-bit dtype, else XLA.
+* ``"cudnn_fp8"``: cuDNN's FP8 flash attention (Hopper; inference only): q, k and v are scaled per tensor into
+  float8_e4m3fn, the softmax probabilities are held in e4m3 inside the kernel, the output comes back in e4m3 and is
+  scaled back (see :func:`fp8_attention`). Reached through ``jax._src.cudnn`` (``jax.nn.dot_product_attention``
+  has no FP8 switch), so it is an opt-in of the FP8 inference mode, never a default.
+* ``"xla_fp8"``: the same quantisation steps emulated around XLA's attention (any backend): what the CPU tests use
+  to bound the FP8 attention's error.
 
 Under a mesh with a ``sequence`` axis (``jax.set_mesh``), the same kernel runs sequence-parallel
 (:mod:`helios_jax.parallel.sequence`).
@@ -26,12 +32,16 @@ from helios_jax.models.normalization import RMSNorm
 from helios_jax.models.rope import apply_rope
 from helios_jax.parallel import sequence
 
-IMPLEMENTATIONS = (None, "auto", "xla", "cudnn")
+IMPLEMENTATIONS = (None, "auto", "xla", "cudnn", "cudnn_fp8", "xla_fp8")
+FP8_IMPLEMENTATIONS = ("cudnn_fp8", "xla_fp8")
+_E4M3 = jnp.float8_e4m3fn
+_E4M3_MAX = float(jnp.finfo(_E4M3).max)  # 448
 
 
 def resolve_implementation(implementation: str | None, dtype) -> str:
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown attention implementation {implementation!r}; choose one of 'auto', 'xla', 'cudnn'")
+    raise ValueError(f"unknown attention implementation {implementation!r}; choose one of "
+                     f"{', '.join(repr(i) for i in IMPLEMENTATIONS[1:])}")
   if implementation in (None, "auto"):
     on_gpu = jax.default_backend() == "gpu"
     return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
@@ -47,6 +57,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementati
     (B, L, N, D) in q's dtype.
   """
   impl = resolve_implementation(implementation, q.dtype)
+  if impl in FP8_IMPLEMENTATIONS:
+    if sequence.active_size() > 1:
+      raise ValueError("FP8 attention does not run sequence-parallel; use the bf16 attention on a sequence mesh")
+    return fp8_attention(q, k, v, emulate=impl == "xla_fp8").astype(q.dtype)
 
   def local(q, k, v, kv_lengths):
     return jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), implementation=impl,
@@ -57,6 +71,51 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementati
   else:
     out = local(q, k, v, None)
   return out.astype(q.dtype)
+
+
+def _to_e4m3(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-tensor dynamic scaling: x ~ x8 * s with x8 float8_e4m3fn, s = amax / 448 (float32 scalar)."""
+  amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+  s = jnp.where(amax > 0, amax / _E4M3_MAX, 1.0)
+  return jnp.clip(x.astype(jnp.float32) / s, -_E4M3_MAX, _E4M3_MAX).astype(_E4M3), s
+
+
+def fp8_attention(q: jax.Array, k: jax.Array, v: jax.Array, emulate: bool = False) -> jax.Array:
+  """Non-causal, unmasked attention with q, k, v, the probabilities and the output in float8_e4m3fn.
+
+  q, k, v are each scaled by their absolute maximum into e4m3. The kernel holds the softmax numerator
+  ``exp(s - rowmax)`` (in [0, 1]) times 448 in e4m3 for the P.V product (so P's largest entries keep e4m3's full
+  precision) and normalises by the unrounded row sum; the output, bounded by max |v|, is written in e4m3 with v's
+  scale and multiplied back here. ``emulate=True`` runs these roundings around XLA's float32 attention (any
+  backend; it materialises the (L, S) probabilities, so it is for tests and small shapes).
+
+  Args:
+    q: (B, L, N, D); k, v: (B, S, N, D).
+  Returns:
+    (B, L, N, D) float32.
+  """
+  q8, sq = _to_e4m3(q)
+  k8, sk = _to_e4m3(k)
+  v8, sv = _to_e4m3(v)
+  softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+  if emulate:
+    logits = jnp.einsum("blnd,bsnd->bnls", q8.astype(jnp.float32), k8.astype(jnp.float32)) * (sq * sk *
+                                                                                               softmax_scale)
+    num = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # (B, N, L, S) in [0, 1]
+    den = jnp.sum(num, axis=-1)  # (B, N, L)
+    p8 = (num * _E4M3_MAX).astype(_E4M3).astype(jnp.float32) / _E4M3_MAX
+    out = jnp.einsum("bnls,bsnd->blnd", p8, v8.astype(jnp.float32)) / jnp.moveaxis(den, 1, 2)[..., None]
+    out8 = jnp.clip(out, -_E4M3_MAX, _E4M3_MAX).astype(_E4M3)  # output in v8's units (|out| <= max |v8|)
+    return out8.astype(jnp.float32) * sv
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention  # private: no public FP8 entry point
+
+  one = lambda x: jnp.reshape(jnp.asarray(x, jnp.float32), (1, 1, 1, 1))
+  params = {name: one(1.0) for name in cudnn_attention.fp8_params_keys}  # backward-only entries stay unused
+  params.update(descale_q=one(sq), descale_k=one(sk), descale_v=one(sv), scale_s=one(_E4M3_MAX),
+                descale_s=one(1.0 / _E4M3_MAX), scale_o=one(1.0 / sv))
+  out8, _, _ = cudnn_attention.dot_product_attention(q8, k8, v8, scale=softmax_scale, use_fp8=True,
+                                                     fp8_params=params, qkv_layout="BTNH")
+  return out8.astype(jnp.float32) * sv
 
 
 class HeliosAttention(nnx.Module):

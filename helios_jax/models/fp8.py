@@ -10,10 +10,13 @@ runs the same arithmetic in higher precision, so tests see the quantisation erro
 
 Only the blocks' linear layers (self- and cross-attention q/k/v/out, FFN in/out) are quantised: patch embeddings,
 the condition embedder, ``proj_out``, norms, modulation tables and the other float32 islands keep their dtypes.
+``attention="fp8"`` also runs the attention itself in FP8 (cuDNN's FP8 flash attention on a GPU, its emulation
+elsewhere: :func:`helios_jax.models.attention.fp8_attention`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -51,7 +54,8 @@ def dequantize_kernel(q: jax.Array, scale: jax.Array) -> jax.Array:
   return q.astype(jnp.float32) * s
 
 
-GEMM_OUTPUTS = ("float32", "compute")  # what the fp8 product returns before the weight scale: f32, or x's dtype
+GEMM_OUTPUTS = ("float32", "compute")
+ATTENTIONS = ("bf16", "fp8")  # quantize_blocks(attention=...): the model's own attention kernel, or FP8 attention  # what the fp8 product returns before the weight scale: f32, or x's dtype
 
 
 def fp8_linear(x: jax.Array, q: jax.Array, scale: jax.Array, bias: jax.Array | None,
@@ -98,14 +102,25 @@ def _resolve(module, path: str):
   return parent, leaf
 
 
-def quantize_blocks(model: Any, scaling: str = "channel", gemm_output: str = "float32") -> int:
+def fp8_attention_implementation() -> str:
+  """The FP8 attention kernel for this process's backend: cuDNN's on a GPU, the XLA emulation elsewhere."""
+  return "cudnn_fp8" if jax.default_backend() == "gpu" else "xla_fp8"
+
+
+def quantize_blocks(model: Any, scaling: str = "channel", gemm_output: str = "float32",
+                    attention: str = "bf16") -> int:
   """Replaces the blocks' linear layers of a ``HeliosTransformer3DModel`` with :class:`Fp8Linear` in place, one
   stacked kernel at a time (each bf16 kernel is deleted once quantised, so device memory only shrinks). Returns
-  the number of parameters now stored in fp8. Call before the model is handed to a pipeline."""
+  the number of parameters now stored in fp8. ``attention="fp8"`` switches the model's attention kernel to FP8
+  (:func:`fp8_attention_implementation`). Call before the model is handed to a pipeline."""
   if getattr(model.config, "fuse_qkv", False):
     raise InputError("fp8 quantisation and fuse_qkv do not go together (the fused path concatenates bf16 kernels)")
   if gemm_output not in GEMM_OUTPUTS:  # (a bad scaling is refused by quantize_kernel, before any layer changes)
     raise InputError(f"fp8 gemm_output must be one of {GEMM_OUTPUTS}, got {gemm_output!r}")
+  if attention not in ATTENTIONS:
+    raise InputError(f"fp8 attention must be one of {ATTENTIONS}, got {attention!r}")
+  if attention == "fp8":
+    model.config = dataclasses.replace(model.config, attention_implementation=fp8_attention_implementation())
   quantize = jax.jit(lambda w: quantize_kernel(w, scaling))
   count = 0
   for path in BLOCK_LINEARS:
@@ -120,8 +135,9 @@ def quantize_blocks(model: Any, scaling: str = "channel", gemm_output: str = "fl
     count += int(np.prod(q.shape))
     if isinstance(kernel, jax.Array):
       kernel.delete()
-  model.quantization = f"fp8-{scaling}"
+  model.quantization = f"fp8-{scaling}" + ("+attention" if attention == "fp8" else "")
   return count
 
 
-__all__ = ["E4M3_MAX", "Fp8Linear", "dequantize_kernel", "fp8_linear", "quantize_blocks", "quantize_kernel"]
+__all__ = ["E4M3_MAX", "Fp8Linear", "dequantize_kernel", "fp8_attention_implementation", "fp8_linear",
+           "quantize_blocks", "quantize_kernel"]

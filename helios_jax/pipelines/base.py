@@ -214,15 +214,16 @@ class HeliosPipelineBase(LoraMixin):
     nnx.update(self.transformer.blocks, placeholders)
     self._split = (graphdef, (nnx.split(self.transformer)[1], layers))
 
-  def quantize_transformer(self, scaling: str = "channel", gemm_output: str = "float32") -> int:
+  def quantize_transformer(self, scaling: str = "channel", gemm_output: str = "float32",
+                           attention: str = "bf16") -> int:
     """Stores the transformer blocks' linear kernels in float8_e4m3fn with per-channel (or per-tensor) scales;
-    activations are scaled per tensor at run time (:mod:`helios_jax.models.fp8`). Returns the number of fp8
-    parameters. Before :meth:`unstack_transformer_layers`, not after."""
+    activations are scaled per tensor at run time (:mod:`helios_jax.models.fp8`); ``attention="fp8"`` runs the
+    attention in FP8 too. Returns the number of fp8 parameters. Before :meth:`unstack_transformer_layers`."""
     from helios_jax.models.fp8 import quantize_blocks
     if self._split is not None and isinstance(self._split[1], tuple):
       raise InputError("quantize the transformer before unstack_transformer_layers(), not after")
     self._split = None
-    return quantize_blocks(self.transformer, scaling, gemm_output)
+    return quantize_blocks(self.transformer, scaling, gemm_output, attention)
 
   def offload_transformer_layers(self, host_kind: str | None = "auto") -> str | None:
     """Low-VRAM mode: keeps the transformer's per-layer block weights in host memory (pinned where the backend has
