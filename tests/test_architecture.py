@@ -32,7 +32,8 @@ ALLOWED = {
     "helios_jax.models": ("helios_jax.io", "helios_jax.parallel", "helios_jax.errors"),
     "helios_jax.schedulers": ("helios_jax.io", "helios_jax.errors"),
     "helios_jax.pipelines": ("helios_jax.models", "helios_jax.schedulers", "helios_jax.io", "helios_jax.parallel",
-                             "helios_jax.errors"),
+                             "helios_jax.offload", "helios_jax.errors"),
+    "helios_jax.offload": ("helios_jax.errors",),
 }
 # Subpackages nothing outside themselves may import.
 PRIVATE_SUBPACKAGES = ("helios_jax.serving", "helios_jax.training")
