@@ -10,4 +10,7 @@ import sys
 from helios_jax.cli.sample import DEMO_DIR, main  # noqa: F401  (DEMO_DIR: read by tests/test_demo.py)
 
 if __name__ == "__main__":
+  from helios_jax import runtime  # XLA flags (Triton GEMM off, NHWC convolutions): before any computation
+  runtime.configure_xla()
+  runtime.quiet_gpu_plugin_errors()
   sys.exit(main())

@@ -52,4 +52,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from helios_jax import runtime  # XLA flags (Triton GEMM off, NHWC convolutions): before any computation
+  runtime.configure_xla()
+  runtime.quiet_gpu_plugin_errors()
   app.run(main)

@@ -221,4 +221,7 @@ def main():
 
 
 if __name__ == "__main__":
+  from helios_jax import runtime  # XLA flags (Triton GEMM off, NHWC convolutions): before any computation
+  runtime.configure_xla()
+  runtime.quiet_gpu_plugin_errors()
   main()
