@@ -85,7 +85,8 @@ def test_import_leaves_environment_and_logging_alone():
     assert result["after"][key] == result["before"][key], key
 
 
-def test_configure_xla_adds_missing_flags_once_and_keeps_the_users():
+def test_configure_xla_adds_missing_flags_once_and_keeps_the_users(monkeypatch):
+  monkeypatch.setattr(runtime, "_backends_started", lambda: False)  # earlier tests in this process started JAX
   environ = {"XLA_FLAGS": "--xla_gpu_force_conv_nhwc=false --xla_dump_to=/tmp/x"}
   first = runtime.configure_xla(environ=environ)
   assert first == "--xla_gpu_force_conv_nhwc=false --xla_dump_to=/tmp/x --xla_gpu_enable_triton_gemm=false"
